@@ -1,0 +1,237 @@
+"""Compatibility layer that lets stock fairseq 0.12.2 run on Python >= 3.11 and numpy 2.
+
+fairseq 0.12.2 (the last release) and hydra-core 1.0.7 were written for Python <= 3.10 and
+numpy < 1.24. This module restores the few old behaviours they rely on, **only for code that
+lives in the ``fairseq``, ``fairseq_cli`` and ``hydra`` packages**; everybody else keeps the
+modern behaviour. Nothing in site-packages is edited.
+
+It is loaded by ``rmt_compat.pth`` (installed next to this module), which calls
+:func:`install` at interpreter start. ``install`` only registers a one-shot import hook; the
+patches are applied right before the first import of ``fairseq``, ``fairseq_cli`` or ``hydra``.
+Set ``RMT_FAIRSEQ_COMPAT=0`` to switch the whole layer off.
+
+What is restored, and why (see also docs in the project README):
+
+1. Dataclass defaults (Python >= 3.11 rejects unhashable defaults such as a dataclass
+   instance). fairseq's ``FairseqConfig``/``TransformerConfig`` and hydra's ``hydra.conf`` use
+   them, and fairseq reads ``Field.default`` back, so ``default_factory`` is *not* a fix. We give
+   those classes the exact 3.10 semantics: the check runs on a hashable stand-in, then the real
+   default is put back.
+2. numpy 2 removed ``np.int``, ``np.float``, ``np.compat`` … which fairseq's data code uses;
+   they are served to callers inside fairseq only.
+3. hydra 1.0.7 scans plugins with ``FileFinder.find_module`` (removed in Python 3.12) and
+   reports errors with ``traceback.print_exception(etype=...)`` (keyword removed in 3.10);
+   both are fixed inside hydra's own modules.
+4. ``--user-dir NAME`` also accepts an installed package name (e.g. ``--user-dir rmt_plugin``
+   from any directory), not only a path.
+"""
+
+import importlib.machinery
+import os
+import sys
+
+ENV_SWITCH = "RMT_FAIRSEQ_COMPAT"
+OLD_CODE_PACKAGES = ("fairseq", "fairseq_cli", "hydra")
+
+_TRIGGERS = frozenset(OLD_CODE_PACKAGES)
+_applied = False
+
+
+def enabled():
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _is_old_code(module_name):
+    top = (module_name or "").partition(".")[0]
+    return top in OLD_CODE_PACKAGES
+
+
+# ---------------------------------------------------------------- 1. dataclass defaults
+class _HashableStandIn:
+    """Replaces an unhashable default while the stdlib validates the field."""
+
+    __slots__ = ()
+
+
+def _patch_dataclass_defaults():
+    import dataclasses
+
+    stock_get_field = dataclasses._get_field
+    if getattr(stock_get_field, "_rmt_compat", False):
+        return
+
+    def _get_field(cls, a_name, a_type, *args, **kwargs):
+        if not _is_old_code(getattr(cls, "__module__", None)):
+            return stock_get_field(cls, a_name, a_type, *args, **kwargs)
+        default = cls.__dict__.get(a_name, dataclasses.MISSING)
+        holder = default if isinstance(default, dataclasses.Field) else None
+        real = holder.default if holder is not None else default
+        if real is dataclasses.MISSING or type(real).__hash__ is not None:
+            return stock_get_field(cls, a_name, a_type, *args, **kwargs)
+        stand_in = _HashableStandIn()
+        if holder is not None:
+            holder.default = stand_in
+        else:
+            setattr(cls, a_name, stand_in)
+        try:
+            f = stock_get_field(cls, a_name, a_type, *args, **kwargs)
+        finally:
+            if holder is not None:
+                holder.default = real
+            else:
+                setattr(cls, a_name, real)
+        f.default = real
+        return f
+
+    _get_field._rmt_compat = True
+    dataclasses._get_field = _get_field
+
+
+# ---------------------------------------------------------------- 2. numpy aliases
+def _numpy_aliases():
+    """The aliases numpy 1.x had and fairseq 0.12.2 still uses (np.compat.long, np.int, ...)."""
+    import types
+
+    return {
+        "int": int,
+        "float": float,
+        "long": int,
+        "compat": types.SimpleNamespace(long=int, unicode=str, integer_types=(int,)),
+    }
+
+
+def _patch_numpy():
+    import numpy as np
+
+    stock_getattr = getattr(np, "__getattr__", None)
+    if getattr(stock_getattr, "_rmt_compat", False):
+        return
+    aliases = _numpy_aliases()
+
+    def __getattr__(name):
+        if name in aliases and _is_old_code(sys._getframe(1).f_globals.get("__name__")):
+            return aliases[name]
+        if stock_getattr is None:
+            raise AttributeError(f"module 'numpy' has no attribute {name!r}")
+        return stock_getattr(name)
+
+    __getattr__._rmt_compat = True
+    np.__getattr__ = __getattr__
+
+
+# ---------------------------------------------------------------- 3. hydra fixes
+class _LegacyImporter:
+    """Gives a PEP 451 finder the ``find_module`` that hydra 1.0's plugin scan calls."""
+
+    def __init__(self, finder):
+        self._finder = finder
+
+    def find_module(self, fullname):
+        spec = self._finder.find_spec(fullname)
+        return None if spec is None else spec.loader
+
+    def __getattr__(self, name):
+        return getattr(self._finder, name)
+
+
+class _HydraPkgutil:
+    """``pkgutil`` as hydra.core.plugins sees it: importers that still have find_module."""
+
+    def __init__(self, pkgutil):
+        self._pkgutil = pkgutil
+
+    def walk_packages(self, *args, **kwargs):
+        for importer, modname, ispkg in self._pkgutil.walk_packages(*args, **kwargs):
+            if not hasattr(importer, "find_module"):
+                importer = _LegacyImporter(importer)
+            yield importer, modname, ispkg
+
+    def __getattr__(self, name):
+        return getattr(self._pkgutil, name)
+
+
+def _fix_hydra_plugins(module):
+    module.pkgutil = _HydraPkgutil(module.pkgutil)
+
+
+def _fix_hydra_utils(module):
+    import traceback
+
+    def print_exception(etype=None, value=None, tb=None, **kwargs):
+        traceback.print_exception(value, value=value, tb=tb, **kwargs)
+
+    module.print_exception = print_exception
+
+
+# ---------------------------------------------------------------- 4. --user-dir by name
+def _fix_fairseq_utils(module):
+    import importlib.util
+
+    stock = module.import_user_module
+
+    def import_user_module(args):
+        user_dir = getattr(args, "user_dir", None)
+        if user_dir and not os.path.exists(user_dir) and os.sep not in user_dir:
+            spec = importlib.util.find_spec(user_dir)
+            if spec is not None and spec.submodule_search_locations:
+                args.user_dir = list(spec.submodule_search_locations)[0]
+        return stock(args)
+
+    module.import_user_module = import_user_module
+
+
+_POST_IMPORT_FIXES = {
+    "hydra.core.plugins": _fix_hydra_plugins,
+    "hydra._internal.utils": _fix_hydra_utils,
+    "fairseq.utils": _fix_fairseq_utils,
+}
+
+
+# ---------------------------------------------------------------- import hook
+def apply():
+    """Apply the import-time patches now (idempotent)."""
+    global _applied
+    if not _applied:
+        _applied = True
+        _patch_dataclass_defaults()
+        _patch_numpy()
+
+
+class _Loader:
+    def __init__(self, loader, fix):
+        self._loader = loader
+        self._fix = fix
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._fix(module)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+class _Finder:
+    """Applies the patches before the old packages load, and fixes up a few of their modules."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname in _TRIGGERS:
+            apply()
+        fix = _POST_IMPORT_FIXES.get(fullname)
+        if fix is None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _Loader(spec.loader, fix)
+        return spec
+
+
+def install():
+    """Called from ``rmt_compat.pth`` at interpreter start: cheap, imports nothing heavy."""
+    if not enabled() or any(isinstance(f, _Finder) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _Finder())
+    if any(name in sys.modules for name in _TRIGGERS):
+        apply()
