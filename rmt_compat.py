@@ -6,8 +6,8 @@ lives in the ``fairseq``, ``fairseq_cli`` and ``hydra`` packages**; everybody el
 modern behaviour. Nothing in site-packages is edited.
 
 It is loaded by ``rmt_compat.pth`` (installed next to this module), which calls
-:func:`install` at interpreter start. ``install`` only registers a one-shot import hook; the
-patches are applied right before the first import of ``fairseq``, ``fairseq_cli`` or ``hydra``.
+:func:`install` at interpreter start. ``install`` only registers an import hook; each patch is
+applied right after the module it patches (dataclasses, numpy, a few hydra/fairseq modules) loads.
 Set ``RMT_FAIRSEQ_COMPAT=0`` to switch the whole layer off.
 
 What is restored, and why (see also docs in the project README):
@@ -34,7 +34,6 @@ ENV_SWITCH = "RMT_FAIRSEQ_COMPAT"
 OLD_CODE_PACKAGES = ("fairseq", "fairseq_cli", "hydra")
 
 _TRIGGERS = frozenset(OLD_CODE_PACKAGES)
-_applied = False
 
 
 def enabled():
@@ -188,12 +187,31 @@ _POST_IMPORT_FIXES = {
 
 
 # ---------------------------------------------------------------- import hook
+def _after_dataclasses(module):
+    _patch_dataclass_defaults()
+
+
+def _after_numpy(module):
+    _patch_numpy()
+
+
+# Patched right after they load. dataclasses and numpy are hooked themselves (not only the old
+# packages) because another import hook, e.g. pytest's for its plugins (hydra is one), may load
+# the old packages without asking us.
+_POST_IMPORT_FIXES = {
+    "dataclasses": _after_dataclasses,
+    "numpy": _after_numpy,
+    "hydra.core.plugins": _fix_hydra_plugins,
+    "hydra._internal.utils": _fix_hydra_utils,
+    "fairseq.utils": _fix_fairseq_utils,
+}
+
+
 def apply():
-    """Apply the import-time patches now (idempotent)."""
-    global _applied
-    if not _applied:
-        _applied = True
+    """Apply the patches for whatever of dataclasses / numpy is already imported (idempotent)."""
+    if "dataclasses" in sys.modules:
         _patch_dataclass_defaults()
+    if "numpy" in sys.modules:
         _patch_numpy()
 
 
@@ -214,7 +232,7 @@ class _Loader:
 
 
 class _Finder:
-    """Applies the patches before the old packages load, and fixes up a few of their modules."""
+    """Runs each fix right after its module has been executed; loads nothing itself."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname in _TRIGGERS:
@@ -223,6 +241,8 @@ class _Finder:
         if fix is None:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None:
+            spec = importlib.machinery.BuiltinImporter.find_spec(fullname, path)
         if spec is not None and spec.loader is not None:
             spec.loader = _Loader(spec.loader, fix)
         return spec
@@ -233,5 +253,4 @@ def install():
     if not enabled() or any(isinstance(f, _Finder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _Finder())
-    if any(name in sys.modules for name in _TRIGGERS):
-        apply()
+    apply()

@@ -1,0 +1,187 @@
+"""``--criterion rmt_lm``: unrolls the segments of a batch, carrying memory, with truncated BPTT.
+
+BPTT schedule. A batch row holds K consecutive segments s0..s(K-1) of T tokens. With depth k,
+the loss of segment j back-propagates through the memory of at most k previous segments; the
+memory older than that is detached. Two ways to get there:
+
+``chunk`` (default): one forward per segment; the memory is detached at the start of every
+chunk of k+1 segments (and at every batch start: a backward pass cannot reach into the previous
+batch). Example, K=6, k=2 (``|`` = detach)::
+
+    | s0 -> s1 -> s2 | s3 -> s4 -> s5 |      loss(s2) reaches s0, loss(s1) only s0..s1
+
+Within a chunk a segment's loss reaches 0..k segments back; the last of each chunk reaches k.
+Make K a multiple of k+1 so that no chunk is cut short by the batch end.
+
+``sliding`` (the paper's code semantics): every segment reaches exactly k segments back.
+For segment j, segments j-k..j-1 are re-run from the (detached) memory that segment j-k
+started with, then segment j is run and only its loss is taken. K=3, k=2::
+
+    s0: run s0                     (from the carried memory)
+    s1: re-run s0, run s1          (from the memory s0 started with)
+    s2: re-run s0, s1, run s2
+
+That costs k+1 forwards (and backwards) per segment instead of one. The last k segments and the
+memory each started with are carried between batches, so the depth holds across batch borders.
+The paper's code restarts that re-run from the newest, already detached memory (it assigns to
+an attribute of the tensor instead of its data), which cuts the gradient; we restart from the
+memory of k segments back, as the method describes.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from fairseq import metrics, utils
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from torch import Tensor
+
+from .model import RMTState
+
+BPTT_MODES = ChoiceEnum(["chunk", "sliding"])
+
+
+@dataclass
+class RMTLMCriterionConfig(FairseqDataclass):
+    bptt_depth: int = field(
+        default=1,
+        metadata={"help": "gradient flows through the memory of at most this many previous segments "
+                          "(0: memory is a detached input)"},
+    )
+    bptt_mode: BPTT_MODES = field(
+        default="chunk",
+        metadata={"help": "chunk: detach every bptt_depth+1 segments, one forward per segment; sliding: "
+                          "re-run the previous bptt_depth segments for every segment (bptt_depth+1 forwards)"},
+    )
+    report_accuracy: bool = field(
+        default=False, metadata={"help": "log per-token accuracy and exact match (whole row correct)"}
+    )
+
+
+class CarriedState(NamedTuple):
+    """What the criterion hands from one batch to the next (opaque to the task)."""
+
+    model_state: Optional[RMTState]
+    history: Tuple[Tuple[Tensor, Optional[RMTState]], ...] = ()  # sliding mode: (tokens, state at start)
+
+
+class SegmentResult(NamedTuple):
+    net_output: tuple
+    target: Tensor
+
+
+@register_criterion("rmt_lm", dataclass=RMTLMCriterionConfig)
+class RMTLMCriterion(FairseqCriterion):
+    def __init__(self, task, bptt_depth=1, bptt_mode="chunk", report_accuracy=False):
+        super().__init__(task)
+        if bptt_depth < 0:
+            raise ValueError(f"--bptt-depth must be >= 0, got {bptt_depth}")
+        self.bptt_depth = bptt_depth
+        self.bptt_mode = bptt_mode
+        self.report_accuracy = report_accuracy
+        self.segment_length = task.cfg.tokens_per_sample
+
+    def forward(self, model, sample, reduce=True):
+        """Fresh memory for this batch (each batch row starts a new stream)."""
+        loss, sample_size, logging_output, _ = self.forward_with_state(model, sample, None)
+        return loss, sample_size, logging_output
+
+    def forward_with_state(self, model, sample, carried: Optional[CarriedState]):
+        """Unroll the batch's segments from ``carried``; returns fairseq's triple + the next state."""
+        tokens = sample["net_input"]["src_tokens"]
+        segments = list(zip(tokens.split(self.segment_length, dim=1),
+                            sample["target"].split(self.segment_length, dim=1)))
+        results, carried = self.unroll(model, segments, carried or CarriedState(None))
+        loss = sum(self.segment_loss(model, r) for r in results)
+        sample_size = sample["target"].ne(self.padding_idx).sum().item()
+        logging_output = {
+            "loss": loss.data,
+            "ntokens": sample_size,
+            "nsentences": tokens.size(0),
+            "sample_size": sample_size,
+        }
+        memory = carried.model_state.memory if carried.model_state is not None else None
+        if memory is not None:
+            logging_output["mem_norm"] = memory.float().norm(dim=-1).mean().item()
+            logging_output["mem_batches"] = 1
+        if self.report_accuracy:
+            logging_output.update(self.accuracy_counts(model, results))
+        return loss, sample_size, logging_output, carried
+
+    # ------------------------------------------------------------------ the BPTT schedule
+    def unroll(self, model, segments, carried: CarriedState):
+        """Run ``segments`` [(tokens, target), ...] in order; see the module docstring."""
+        depth = self.bptt_depth if model.decoder.num_mem_tokens > 0 else 0
+        if self.bptt_mode == "sliding" and depth > 0:
+            return self._unroll_sliding(model, segments, carried, depth)
+        return self._unroll_chunks(model, segments, carried, depth)
+
+    def _unroll_chunks(self, model, segments, carried, depth):
+        state, results = carried.model_state, []
+        for j, (tokens, target) in enumerate(segments):
+            if j % (depth + 1) == 0 and state is not None:
+                state = state.detach()
+            net_output = model(tokens, state=state)
+            state = net_output[1]["state"]
+            results.append(SegmentResult(net_output, target))
+        return results, CarriedState(state.detach())
+
+    def _unroll_sliding(self, model, segments, carried, depth):
+        history, state, results = list(carried.history), carried.model_state, []
+        for tokens, target in segments:
+            window = history[-depth:]
+            replay = window[0][1] if window else state
+            for past_tokens, _ in window:
+                replay = model(past_tokens, state=replay)[1]["state"]
+            net_output = model(tokens, state=replay)
+            results.append(SegmentResult(net_output, target))
+            history = (history + [(tokens, state)])[-depth:]
+            state = net_output[1]["state"].detach()
+        return results, CarriedState(state, tuple(history))
+
+    # ------------------------------------------------------------------ losses and metrics
+    def segment_loss(self, model, result: SegmentResult) -> Tensor:
+        """Summed cross-entropy (nats) over the segment's non-pad targets."""
+        adaptive_softmax = getattr(model.decoder, "adaptive_softmax", None)
+        if adaptive_softmax is not None:
+            logits, targets = adaptive_softmax(result.net_output[0], result.target)
+            return sum(
+                F.cross_entropy(lg, tg, ignore_index=self.padding_idx, reduction="sum")
+                for lg, tg in zip(logits, targets) if lg is not None
+            )
+        lprobs = model.get_normalized_probs(result.net_output, log_probs=True)
+        return F.nll_loss(lprobs.view(-1, lprobs.size(-1)), result.target.reshape(-1),
+                          ignore_index=self.padding_idx, reduction="sum")
+
+    def accuracy_counts(self, model, results):
+        if getattr(model.decoder, "adaptive_softmax", None) is not None:
+            raise ValueError("--report-accuracy needs a full softmax (drop --adaptive-softmax-cutoff)")
+        wrong_per_row, n_correct = 0, 0
+        for r in results:
+            mask = r.target.ne(self.padding_idx)
+            correct = r.net_output[0].argmax(-1).eq(r.target) & mask
+            n_correct += correct.sum().item()
+            wrong_per_row = wrong_per_row + (mask & ~correct).sum(dim=1)
+        return {"n_correct": n_correct, "n_exact": int((wrong_per_row == 0).sum()), "n_rows": len(wrong_per_row)}
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        def total(key):
+            return sum(log.get(key, 0) for log in logging_outputs)
+
+        loss_sum, sample_size = total("loss"), total("sample_size")
+        metrics.log_scalar("loss", loss_sum / max(sample_size, 1) / math.log(2), sample_size, round=3)
+        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["loss"].avg))
+        if total("mem_batches") > 0:
+            metrics.log_scalar("mem_norm", total("mem_norm") / total("mem_batches"), total("mem_batches"),
+                               round=3)
+        if total("n_rows") > 0:
+            metrics.log_scalar("accuracy", total("n_correct") / max(sample_size, 1), sample_size, round=4)
+            metrics.log_scalar("exact_match", total("n_exact") / total("n_rows"), total("n_rows"), round=4)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True

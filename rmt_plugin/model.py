@@ -1,0 +1,440 @@
+"""The Recurrent Memory Transformer (RMT) and Transformer-XL as one fairseq language model.
+
+One segment of T tokens is processed per forward call. What links segments is an
+:class:`RMTState`: the memory (m vectors) and the Transformer-XL cache (per-layer hidden states
+of up to ``mem_len`` previous positions). ``num_mem_tokens=0, mem_len=0`` is the paper's
+baseline, ``num_mem_tokens=0, mem_len>0`` is Transformer-XL, ``num_mem_tokens>0, mem_len=0`` is
+RMT and both > 0 is "Tr-XL + RMT". Attention is always Transformer-XL's relative positional
+attention (Dai et al. 2019), as in the paper's code base.
+
+Memory layout (``--memory-layout rmt``), m=2 memory tokens, a segment x0..x2 (T=3), no cache::
+
+    input   [M0 M1 | x0 x1 x2 | M0 M1]      read block = write block input = the memory
+             read     segment    write
+    query\\key  r0 r1  x0 x1 x2  w0 w1
+    r0          1  1   .  .  .   .  .       read tokens see each other, not the segment
+    r1          1  1   .  .  .   .  .
+    x0          1  1   1  .  .   .  .       segment tokens: all read tokens + causal
+    x1          1  1   1  1  .   .  .
+    x2          1  1   1  1  1   .  .
+    w0          1  1   1  1  1   1  1       write tokens see everything, each other too
+    w1          1  1   1  1  1   1  1
+
+The final-layer outputs at w0, w1 are the next segment's memory; the loss covers x0..x2 only.
+The first segment of a stream reads a learned memory embedding. ``--memory-layout memtr`` is
+the paper's "MemTr" baseline: ``[M; x]`` only, memory tokens see each other, and the next
+memory is the output at those positions (with causal attention it cannot see the segment).
+
+With a Transformer-XL cache of L positions, keys are ``[cache; read; segment; write]`` and
+queries the last ``Q = 2m + T`` of them. Segment tokens always see the cache (within
+``same_length``); memory tokens see it only with ``--mem-attend-cache``. The cache holds
+segment positions only (detached, as in Dai et al.). Relative distance is query position minus
+key position along that key sequence, so memory blocks, being bidirectional, also use negative
+distances; sinusoids are defined for them, and ``clamp_len`` clamps both signs.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import List, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from fairseq import utils
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import FairseqDecoder, FairseqLanguageModel, register_model, register_model_architecture
+from fairseq.modules import AdaptiveInput, AdaptiveSoftmax
+from omegaconf import II
+from torch import Tensor, nn
+
+MEMORY_LAYOUTS = ChoiceEnum(["rmt", "memtr"])
+
+
+class RMTState(NamedTuple):
+    """What one segment hands to the next: memory ``[B, m, d]`` and per-layer cache ``[B, L, d]``."""
+
+    memory: Optional[Tensor]
+    cache: Optional[List[Tensor]]
+
+    def detach(self) -> "RMTState":
+        memory = None if self.memory is None else self.memory.detach()
+        return RMTState(memory, self.cache)  # the cache is always stored detached
+
+
+@dataclass
+class RMTConfig(FairseqDataclass):
+    n_layer: int = field(default=12, metadata={"help": "number of decoder layers"})
+    d_model: int = field(default=512, metadata={"help": "model dimension"})
+    n_head: int = field(default=8, metadata={"help": "number of attention heads"})
+    d_head: int = field(default=64, metadata={"help": "dimension of each attention head"})
+    d_inner: int = field(default=2048, metadata={"help": "feed-forward inner dimension"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings, residual branches and outputs"})
+    dropatt: float = field(default=0.0, metadata={"help": "dropout on attention probabilities"})
+    pre_lnorm: bool = field(
+        default=False, metadata={"help": "pre-LayerNorm layers (Transformer-XL's default is post-LayerNorm)"}
+    )
+    init_std: float = field(default=0.02, metadata={"help": "std of the normal weight initialisation"})
+    num_mem_tokens: int = field(default=0, metadata={"help": "number of memory tokens m (0: no RMT memory)"})
+    memory_layout: MEMORY_LAYOUTS = field(
+        default="rmt",
+        metadata={"help": "rmt: [read; segment; write]; memtr: [memory; segment] (the paper's MemTr baseline)"},
+    )
+    mem_len: int = field(
+        default=0, metadata={"help": "Transformer-XL cache length: hidden states of this many past positions"}
+    )
+    mem_attend_cache: bool = field(
+        default=False, metadata={"help": "memory tokens also attend to the Transformer-XL cache"}
+    )
+    clamp_len: int = field(
+        default=-1, metadata={"help": "use the same positional embedding for distances beyond this (-1: off)"}
+    )
+    same_length: bool = field(
+        default=False, metadata={"help": "every segment token attends to the same number of past positions"}
+    )
+    adaptive_softmax_cutoff: Optional[str] = field(
+        default=None,
+        metadata={"help": "comma-separated cutoffs for adaptive input and softmax, e.g. 20000,40000,200000"},
+    )
+    div_val: float = field(
+        default=1.0, metadata={"help": "adaptive input/softmax: each cluster's dimension is divided by this"}
+    )
+    tie_weights: bool = field(default=True, metadata={"help": "tie input embeddings and output weights"})
+    max_target_positions: Optional[int] = II("task.tokens_per_sample")
+
+
+@register_model("rmt", dataclass=RMTConfig)
+class RMTLanguageModel(FairseqLanguageModel):
+    """Decoder-only LM with RMT memory tokens and a Transformer-XL cache (see module docstring)."""
+
+    @classmethod
+    def build_model(cls, cfg: RMTConfig, task):
+        check_config(cfg, len(task.target_dictionary))
+        return cls(RMTDecoder(cfg, task.target_dictionary))
+
+
+def check_config(cfg: RMTConfig, vocab_size: int):
+    """Reject impossible flag combinations before any weights are built."""
+
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(msg)
+
+    need(cfg.num_mem_tokens >= 0, f"--num-mem-tokens must be >= 0, got {cfg.num_mem_tokens}")
+    need(cfg.mem_len >= 0, f"--mem-len must be >= 0, got {cfg.mem_len}")
+    need(cfg.n_layer > 0 and cfg.d_model > 0 and cfg.n_head > 0 and cfg.d_head > 0, "--n-layer, --d-model, "
+         "--n-head and --d-head must be positive")
+    need(not cfg.mem_attend_cache or (cfg.mem_len > 0 and cfg.num_mem_tokens > 0),
+         "--mem-attend-cache needs both --mem-len > 0 and --num-mem-tokens > 0")
+    for cutoff in parse_cutoffs(cfg.adaptive_softmax_cutoff):
+        need(0 < cutoff < vocab_size, f"--adaptive-softmax-cutoff {cutoff} is not inside the vocabulary "
+             f"(size {vocab_size}); drop it")
+
+
+def parse_cutoffs(spec: Optional[str]) -> List[int]:
+    if not spec:
+        return []
+    try:
+        cutoffs = [int(c) for c in str(spec).split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"--adaptive-softmax-cutoff must be comma-separated integers, got {spec!r}")
+    if cutoffs != sorted(set(cutoffs)):
+        raise ValueError(f"--adaptive-softmax-cutoff must be strictly increasing, got {spec!r}")
+    return cutoffs
+
+
+def sinusoid(distances: Tensor, d_model: int) -> Tensor:
+    """Transformer-XL's positional embedding [sin | cos] of (possibly negative) distances."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0.0, d_model, 2.0, device=distances.device) / d_model))
+    angles = torch.outer(distances.float(), inv_freq)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class AttentionPlan(NamedTuple):
+    """Everything about one (cache length, segment length) shape that all layers share."""
+
+    bias: Tensor  # [Q, K] float: 0 where allowed, -inf where masked
+    distances: Tensor  # [K + Q - 1] relative distances, from K-1 down to -(Q-1), clamped
+    segment: slice  # query rows that are segment tokens
+    next_memory: slice  # query rows whose outputs become the next memory
+
+
+class RMTDecoder(FairseqDecoder):
+    def __init__(self, cfg: RMTConfig, dictionary):
+        super().__init__(dictionary)
+        self.cfg = cfg
+        self.padding_idx = dictionary.pad()
+        self.num_mem_tokens = cfg.num_mem_tokens
+        self.mem_len = cfg.mem_len
+        self.embed_scale = math.sqrt(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        cutoffs = parse_cutoffs(cfg.adaptive_softmax_cutoff)
+        vocab = len(dictionary)
+        if cutoffs:
+            self.embed_tokens = AdaptiveInput(
+                vocab, self.padding_idx, cfg.d_model, cfg.div_val, cfg.d_model, list(cutoffs)
+            )
+            self.adaptive_softmax = AdaptiveSoftmax(
+                vocab, cfg.d_model, list(cutoffs), dropout=0.0, factor=cfg.div_val,
+                adaptive_inputs=self.embed_tokens if cfg.tie_weights else None, tie_proj=cfg.tie_weights,
+            )
+        else:
+            self.embed_tokens = nn.Embedding(vocab, cfg.d_model, padding_idx=self.padding_idx)
+            nn.init.normal_(self.embed_tokens.weight, std=cfg.init_std)
+            self.adaptive_softmax = None
+            self.out_weight = None if cfg.tie_weights else nn.Parameter(torch.empty(vocab, cfg.d_model))
+            if self.out_weight is not None:
+                nn.init.normal_(self.out_weight, std=cfg.init_std)
+            self.out_bias = nn.Parameter(torch.zeros(vocab))
+        self.mem_init = None
+        if cfg.num_mem_tokens > 0:
+            self.mem_init = nn.Parameter(torch.randn(cfg.num_mem_tokens, cfg.d_model) * cfg.init_std)
+        self.layers = nn.ModuleList(RelDecoderLayer(cfg) for _ in range(cfg.n_layer))
+        self.final_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_lnorm else None
+        self._plans = {}
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, src_tokens, src_lengths=None, state: Optional[RMTState] = None, stream=None, **unused):
+        """Process one segment. ``stream`` (from fairseq-eval-lm) carries the state between calls."""
+        if stream is not None:
+            state = stream.state
+        features, next_state = self.extract_features(src_tokens, state)
+        if stream is not None:
+            stream.state = next_state.detach()
+        return self.output_layer(features), {"state": next_state}
+
+    def extract_features(self, src_tokens: Tensor, state: Optional[RMTState] = None):
+        bsz, seg_len = src_tokens.shape
+        m = self.num_mem_tokens
+        cache = state.cache if state is not None and self.mem_len > 0 else None
+        cache_len = cache[0].size(1) if cache else 0
+        plan = self._plan(seg_len, cache_len, src_tokens.device)
+
+        h = self.embed_tokens(src_tokens) * self.embed_scale
+        if m > 0:
+            memory = self._read_memory(state, bsz)
+            blocks = [memory, h, memory] if self.cfg.memory_layout == "rmt" else [memory, h]
+            h = torch.cat(blocks, dim=1)
+        h = self.dropout(h)
+        pos_emb = self.dropout(sinusoid(plan.distances, self.cfg.d_model).to(h.dtype))
+
+        new_cache = [] if self.mem_len > 0 else None
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache[i] if cache else None
+            if new_cache is not None:
+                new_cache.append(self._update_cache(layer_cache, h[:, plan.segment]))
+            h = layer(h, layer_cache, pos_emb, plan.bias)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        next_memory = h[:, plan.next_memory] if m > 0 else None
+        return self.dropout(h[:, plan.segment]), RMTState(next_memory, new_cache)
+
+    def output_layer(self, features: Tensor) -> Tensor:
+        if self.adaptive_softmax is not None:
+            return features  # the criterion / get_normalized_probs apply the adaptive softmax
+        weight = self.embed_tokens.weight if self.out_weight is None else self.out_weight
+        return F.linear(features, weight, self.out_bias)
+
+    def max_positions(self):
+        return self.cfg.max_target_positions
+
+    # ----------------------------------------------------------------- memory and cache
+    def _read_memory(self, state: Optional[RMTState], bsz: int) -> Tensor:
+        if state is not None and state.memory is not None:
+            if state.memory.size(0) != bsz:
+                raise ValueError(
+                    f"memory holds {state.memory.size(0)} streams but the batch has {bsz} rows; "
+                    "batches of one stream must keep the same --batch-size"
+                )
+            return state.memory
+        return (self.mem_init * self.embed_scale).unsqueeze(0).expand(bsz, -1, -1)
+
+    def _update_cache(self, cache: Optional[Tensor], segment_hidden: Tensor) -> Tensor:
+        merged = segment_hidden if cache is None else torch.cat([cache, segment_hidden], dim=1)
+        return merged[:, -self.mem_len:].detach()
+
+    # ----------------------------------------------------------------- masks, built once per shape
+    def _plan(self, seg_len: int, cache_len: int, device) -> AttentionPlan:
+        key = (seg_len, cache_len, device)
+        if key not in self._plans:
+            self._plans[key] = build_attention_plan(
+                seg_len, cache_len, self.num_mem_tokens, self.cfg.memory_layout, self.cfg.mem_attend_cache,
+                self.cfg.same_length, self.mem_len, self.cfg.clamp_len, device,
+            )
+        return self._plans[key]
+
+
+def allowed_attention(seg_len: int, cache_len: int, m: int, layout: str, mem_attend_cache: bool,
+                      same_length: bool, mem_len: int) -> Tensor:
+    """Boolean [Q, K] matrix (True = may attend); see the module docstring for the layout."""
+    if m == 0:
+        layout = "none"
+    read = m
+    write = m if layout == "rmt" else 0
+    q_len = read + seg_len + write
+    k_len = cache_len + q_len
+    allowed = torch.zeros(q_len, k_len, dtype=torch.bool)
+    seg_q = slice(read, read + seg_len)
+    read_k = slice(cache_len, cache_len + read)
+    seg_k = slice(cache_len + read, cache_len + read + seg_len)
+
+    causal = torch.ones(seg_len, seg_len, dtype=torch.bool).tril()
+    seg_rows = allowed[seg_q]
+    seg_rows[:, seg_k] = causal
+    seg_rows[:, read_k] = True
+    seg_rows[:, :cache_len] = True
+    if same_length:
+        # Transformer-XL: each segment token sees the same number (mem_len) of past positions.
+        past = torch.cat([torch.ones(seg_len, cache_len, dtype=torch.bool), causal], dim=1)
+        mask_len = cache_len + seg_len - mem_len
+        shift = seg_len - mask_len if mask_len > 0 else seg_len
+        too_old = torch.ones_like(past).tril(-shift)
+        past &= ~too_old
+        seg_rows[:, :cache_len] = past[:, :cache_len]
+        seg_rows[:, seg_k] = past[:, cache_len:]
+    if read:
+        allowed[:read, read_k] = True
+        if mem_attend_cache:
+            allowed[:read, :cache_len] = True
+    if write:
+        allowed[read + seg_len:, cache_len:] = True
+        if mem_attend_cache:
+            allowed[read + seg_len:, :cache_len] = True
+    return allowed
+
+
+def build_attention_plan(seg_len, cache_len, m, layout, mem_attend_cache, same_length, mem_len, clamp_len,
+                         device) -> AttentionPlan:
+    allowed = allowed_attention(seg_len, cache_len, m, layout, mem_attend_cache, same_length, mem_len)
+    q_len, k_len = allowed.shape
+    bias = torch.zeros(q_len, k_len).masked_fill_(~allowed, float("-inf"))
+    distances = torch.arange(k_len - 1, -q_len, -1.0)
+    if clamp_len > 0:
+        distances = distances.clamp(-clamp_len, clamp_len)
+    read = m if m > 0 else 0
+    if m > 0 and layout == "rmt":
+        next_memory = slice(read + seg_len, q_len)
+    else:
+        next_memory = slice(0, read)
+    return AttentionPlan(bias.to(device), distances.to(device), slice(read, read + seg_len), next_memory)
+
+
+def relative_scores(q_r: Tensor, r_k: Tensor, k_len: int) -> Tensor:
+    """Position scores ``BD[b, h, i, j] = q_r[b, h, i] . r_k[dist(i, j)]`` without a Python loop.
+
+    ``r_k`` [H, K+Q-1, Dh] holds one row per distance, from K-1 down to -(Q-1); query i sits at
+    key position K-Q+i, so the row for key j is ``j - i + Q - 1``: a diagonal skew of
+    ``q_r @ r_k^T``, read with a strided view (Transformer-XL's "rel_shift", generalised to
+    negative distances).
+    """
+    full = torch.matmul(q_r, r_k.transpose(-1, -2)).contiguous()  # [B, H, Q, K+Q-1]
+    bsz, heads, q_len, n_dist = full.shape
+    s_b, s_h, s_q, s_d = full.stride()
+    return full.as_strided((bsz, heads, q_len, k_len), (s_b, s_h, s_q - s_d, s_d), full.storage_offset() + q_len - 1)
+
+
+class RelMultiheadAttention(nn.Module):
+    """Transformer-XL's relative multi-head attention ("RelPartialLearnable"), through SDPA."""
+
+    def __init__(self, cfg: RMTConfig):
+        super().__init__()
+        self.n_head, self.d_head = cfg.n_head, cfg.d_head
+        inner = cfg.n_head * cfg.d_head
+        self.qkv_net = nn.Linear(cfg.d_model, 3 * inner, bias=False)
+        self.r_net = nn.Linear(cfg.d_model, inner, bias=False)
+        self.o_net = nn.Linear(inner, cfg.d_model, bias=False)
+        self.r_w_bias = nn.Parameter(torch.empty(cfg.n_head, cfg.d_head))  # "u": content bias
+        self.r_r_bias = nn.Parameter(torch.empty(cfg.n_head, cfg.d_head))  # "v": position bias
+        for p in (self.qkv_net.weight, self.r_net.weight, self.o_net.weight, self.r_w_bias, self.r_r_bias):
+            nn.init.normal_(p, std=cfg.init_std)
+        self.dropatt = cfg.dropatt
+        self.scale = 1.0 / math.sqrt(cfg.d_head)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.view(x.size(0), x.size(1), self.n_head, self.d_head).transpose(1, 2)
+
+    def forward(self, h: Tensor, keys_in: Tensor, pos_emb: Tensor, bias: Tensor) -> Tensor:
+        inner = self.n_head * self.d_head
+        w_q, w_kv = self.qkv_net.weight.split([inner, 2 * inner])
+        q = self._heads(F.linear(h, w_q))
+        k, v = (self._heads(t) for t in F.linear(keys_in, w_kv).chunk(2, dim=-1))
+        r_k = self.r_net(pos_emb).view(-1, self.n_head, self.d_head).transpose(0, 1)
+        position = relative_scores(q + self.r_r_bias.unsqueeze(1), r_k, keys_in.size(1))
+        attn_bias = position * self.scale + bias
+        out = F.scaled_dot_product_attention(
+            q + self.r_w_bias.unsqueeze(1), k, v, attn_mask=attn_bias.to(q.dtype),
+            dropout_p=self.dropatt if self.training else 0.0, scale=self.scale,
+        )
+        return self.o_net(out.transpose(1, 2).reshape(h.size(0), h.size(1), inner))
+
+
+class RelDecoderLayer(nn.Module):
+    def __init__(self, cfg: RMTConfig):
+        super().__init__()
+        self.pre_lnorm = cfg.pre_lnorm
+        self.attn = RelMultiheadAttention(cfg)
+        self.attn_norm = nn.LayerNorm(cfg.d_model)
+        self.ff = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.d_inner), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.d_inner, cfg.d_model), nn.Dropout(cfg.dropout),
+        )
+        for lin in (self.ff[0], self.ff[3]):
+            nn.init.normal_(lin.weight, std=cfg.init_std)
+            nn.init.zeros_(lin.bias)
+        self.ff_norm = nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, h: Tensor, cache: Optional[Tensor], pos_emb: Tensor, bias: Tensor) -> Tensor:
+        keys_in = h if cache is None else torch.cat([cache, h], dim=1)
+        if self.pre_lnorm:
+            normed = self.attn_norm(keys_in)
+            h = h + self.dropout(self.attn(normed[:, -h.size(1):], normed, pos_emb, bias))
+            return h + self.ff(self.ff_norm(h))
+        h = self.attn_norm(h + self.dropout(self.attn(h, keys_in, pos_emb, bias)))
+        return self.ff_norm(h + self.ff(h))
+
+
+# ----------------------------------------------------------------------------- named architectures
+def _set_defaults(cfg, **defaults):
+    for name, value in defaults.items():
+        if getattr(cfg, name, None) is None:
+            setattr(cfg, name, value)
+
+
+def _wt103_base(cfg):
+    # Transformer-XL base on WikiText-103 (Dai et al. 2019; RMT paper, same backbone).
+    _set_defaults(cfg, n_layer=16, d_model=410, n_head=10, d_head=41, d_inner=2100, dropout=0.1,
+                  dropatt=0.0, adaptive_softmax_cutoff="20000,40000,200000", div_val=1.0)
+
+
+def _enwik8_base(cfg):
+    _set_defaults(cfg, n_layer=12, d_model=512, n_head=8, d_head=64, d_inner=2048, dropout=0.1, dropatt=0.0)
+
+
+def _register_family(name, backbone, rmt_mem, xl_mem):
+    """Three named variants of one backbone: RMT, Transformer-XL and Tr-XL + RMT."""
+
+    def variant(num_mem_tokens, mem_len):
+        def arch(cfg):
+            _set_defaults(cfg, num_mem_tokens=num_mem_tokens, mem_len=mem_len)
+            backbone(cfg)
+
+        return arch
+
+    register_model_architecture("rmt", f"rmt_{name}")(variant(rmt_mem, 0))
+    register_model_architecture("rmt", f"transformer_xl_{name}")(variant(0, xl_mem))
+    register_model_architecture("rmt", f"rmt_xl_{name}")(variant(rmt_mem, xl_mem))
+
+
+def _tiny(cfg):
+    _set_defaults(cfg, n_layer=2, d_model=64, n_head=2, d_head=32, d_inner=128, dropout=0.0)
+
+
+def _small(cfg):
+    # The paper's size for the algorithmic tasks.
+    _set_defaults(cfg, n_layer=4, d_model=128, n_head=4, d_head=32, d_inner=512, dropout=0.1)
+
+
+# Paper configs: memory size 150 and cache = segment length 150 (WT103), 512 (enwik8).
+_register_family("wt103_base", _wt103_base, rmt_mem=150, xl_mem=150)
+_register_family("enwik8_base", _enwik8_base, rmt_mem=512, xl_mem=512)
+_register_family("small", _small, rmt_mem=10, xl_mem=24)
+_register_family("tiny", _tiny, rmt_mem=4, xl_mem=16)

@@ -1,0 +1,203 @@
+"""Memory layout, memory flow between segments and the BPTT schedule, shown with gradients."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from fairseq.data import Dictionary
+
+from rmt_plugin.criterion import CarriedState, RMTLMCriterion
+from rmt_plugin.model import RMTConfig, RMTLanguageModel, allowed_attention
+
+SEG_LEN = 3
+
+
+def make_task(vocab_size=40):
+    dictionary = Dictionary()
+    for i in range(vocab_size - len(dictionary)):
+        dictionary.add_symbol(f"w{i}")
+    return SimpleNamespace(
+        source_dictionary=dictionary, target_dictionary=dictionary,
+        cfg=SimpleNamespace(tokens_per_sample=SEG_LEN),
+    )
+
+
+def make_model(task, num_mem_tokens=2, mem_len=0, layout="rmt", tie=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = RMTConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.0,
+                    num_mem_tokens=num_mem_tokens, mem_len=mem_len, memory_layout=layout,
+                    tie_weights=tie, max_target_positions=SEG_LEN)
+    return RMTLanguageModel.build_model(cfg, task).eval()
+
+
+def make_criterion(task, depth, mode):
+    return RMTLMCriterion(task, bptt_depth=depth, bptt_mode=mode)
+
+
+def distinct_segments(num_segments, bsz=2, first_id=4):
+    """Segment i uses only its own token ids, so embedding-gradient rows tell segments apart."""
+    segments = []
+    for i in range(num_segments):
+        ids = torch.arange(first_id + i * SEG_LEN, first_id + (i + 1) * SEG_LEN)
+        tokens = ids.repeat(bsz, 1)
+        segments.append((tokens, tokens.roll(-1, dims=1)))
+    return segments
+
+
+def segment_ids(i, first_id=4):
+    return list(range(first_id + i * SEG_LEN, first_id + (i + 1) * SEG_LEN))
+
+
+# --------------------------------------------------------------------------- attention mask
+def test_rmt_attention_mask_written_out_by_hand():
+    # rows: queries r0 r1 x0 x1 x2 w0 w1; columns: keys in the same order (no cache)
+    expected = torch.tensor([
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 1, 1, 1],
+    ], dtype=torch.bool)
+    got = allowed_attention(3, 0, 2, "rmt", mem_attend_cache=False, same_length=False, mem_len=0)
+    assert torch.equal(got, expected)
+
+
+def test_memtr_mask_and_cache_visibility_by_hand():
+    # MemTr: [M0 M1 | x0 x1], memory sees only memory
+    memtr = torch.tensor([
+        [1, 1, 0, 0],
+        [1, 1, 0, 0],
+        [1, 1, 1, 0],
+        [1, 1, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(allowed_attention(2, 0, 2, "memtr", False, False, 0), memtr)
+    # RMT with a 2-position cache c0 c1 and m=1: keys [c0 c1 | r0 | x0 x1 | w0]
+    no_cache_for_memory = torch.tensor([
+        [0, 0, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 0],
+        [0, 0, 1, 1, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(allowed_attention(2, 2, 1, "rmt", False, False, 2), no_cache_for_memory)
+    with_cache = no_cache_for_memory.clone()
+    with_cache[0, :2] = with_cache[3, :2] = True
+    assert torch.equal(allowed_attention(2, 2, 1, "rmt", True, False, 2), with_cache)
+
+
+def test_same_length_gives_every_segment_token_mem_len_keys():
+    # Transformer-XL: cache c0 c1 c2, segment x0 x1 x2, mem_len 3; each token sees exactly 3 keys
+    expected = torch.tensor([
+        [0, 1, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 1, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(allowed_attention(3, 3, 0, "rmt", False, True, 3), expected)
+
+
+# --------------------------------------------------------------------------- information flow
+def _next_segment_logits(model, first, second):
+    state = model(first)[1]["state"]
+    return model(second, state=state)[0]
+
+
+@pytest.mark.parametrize("num_mem_tokens,mem_len,layout,flows", [
+    (2, 0, "rmt", True),      # RMT: memory carries the segment forward
+    (0, 0, "rmt", False),     # baseline: segments are independent
+    (0, 3, "rmt", True),      # Transformer-XL: the cache carries it
+    (2, 0, "memtr", False),   # MemTr in a decoder: memory cannot read the causal segment
+])
+def test_perturbing_a_token_reaches_the_next_segment_only_through_memory(num_mem_tokens, mem_len, layout, flows):
+    task = make_task()
+    model = make_model(task, num_mem_tokens, mem_len, layout)
+    first = torch.tensor([[5, 6, 7]])
+    perturbed = torch.tensor([[5, 9, 7]])
+    second = torch.tensor([[10, 11, 12]])
+    with torch.no_grad():
+        changed = not torch.allclose(_next_segment_logits(model, first, second),
+                                     _next_segment_logits(model, perturbed, second))
+    assert changed == flows
+
+
+def test_first_segment_reads_the_learned_memory_and_later_ones_the_written_memory():
+    task = make_task()
+    model = make_model(task, num_mem_tokens=2)
+    tokens = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    _, extra = model(tokens)
+    memory = extra["state"].memory
+    assert memory.shape == (2, 2, 16)
+    assert memory.requires_grad  # the write outputs keep their graph until the criterion detaches
+    fresh = model.decoder._read_memory(None, 2)
+    assert torch.equal(fresh[0], fresh[1])
+    assert not torch.allclose(memory[0], memory[1])  # each stream wrote its own memory
+
+
+# --------------------------------------------------------------------------- BPTT depth
+def _embedding_grad_rows(model, loss):
+    (grad,) = torch.autograd.grad(loss, model.decoder.embed_tokens.weight, allow_unused=True)
+    return grad
+
+
+@pytest.mark.parametrize("mode", ["chunk", "sliding"])
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_loss_reaches_exactly_depth_segments_back(mode, depth):
+    task = make_task(vocab_size=4 + 8 * SEG_LEN)
+    model = make_model(task, num_mem_tokens=2)
+    criterion = make_criterion(task, depth, mode)
+    segments = distinct_segments(2 * (depth + 1))
+    results, _ = criterion.unroll(model, segments, CarriedState(None))
+    j = len(segments) - 1  # last of its chunk in chunk mode
+    grad = _embedding_grad_rows(model, criterion.segment_loss(model, results[j]))
+    for i in range(j - depth, j + 1):
+        assert grad[segment_ids(i)].abs().sum() > 0, f"segment {i} should receive gradient from {j}"
+    for i in range(0, j - depth):
+        assert torch.count_nonzero(grad[segment_ids(i)]) == 0, f"segment {i} is beyond depth {depth}"
+
+
+def test_chunk_mode_restarts_the_depth_at_each_chunk():
+    task = make_task(vocab_size=4 + 4 * SEG_LEN)
+    model = make_model(task)
+    criterion = make_criterion(task, 1, "chunk")
+    results, _ = criterion.unroll(model, distinct_segments(4), CarriedState(None))
+    grad = _embedding_grad_rows(model, criterion.segment_loss(model, results[2]))  # first of chunk 2
+    assert grad[segment_ids(2)].abs().sum() > 0
+    assert torch.count_nonzero(grad[segment_ids(1)]) == 0
+
+
+def test_sliding_replay_starts_from_the_memory_of_k_segments_back():
+    # Replaying s(j-k)..s(j-1) from the memory s(j-k) started with must reproduce the plain
+    # sequential run exactly; restarting from the newest memory (the paper code's slip) would not.
+    task = make_task(vocab_size=4 + 6 * SEG_LEN)
+    model = make_model(task)
+    segments = distinct_segments(6)
+    with torch.no_grad():
+        plain, _ = make_criterion(task, 0, "chunk").unroll(model, segments, CarriedState(None))
+        sliding, _ = make_criterion(task, 2, "sliding").unroll(model, segments, CarriedState(None))
+    for a, b in zip(plain, sliding):
+        assert torch.allclose(a.net_output[0], b.net_output[0], atol=1e-6)
+
+
+def test_sliding_depth_holds_across_batch_borders():
+    task = make_task(vocab_size=4 + 5 * SEG_LEN)
+    model = make_model(task)
+    criterion = make_criterion(task, 2, "sliding")
+    carried = CarriedState(None)
+    for tokens, target in distinct_segments(4):  # one segment per batch, like Transformer-XL
+        sample = {"net_input": {"src_tokens": tokens}, "target": target}
+        loss, _, _, carried = criterion.forward_with_state(model, sample, carried)
+    grad = _embedding_grad_rows(model, loss)  # loss of segment 3
+    assert grad[segment_ids(1)].abs().sum() > 0
+    assert torch.count_nonzero(grad[segment_ids(0)]) == 0
+
+
+def test_carried_state_is_detached_between_batches():
+    task = make_task()
+    model = make_model(task, num_mem_tokens=2, mem_len=3)
+    criterion = make_criterion(task, 3, "chunk")
+    tokens = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    sample = {"net_input": {"src_tokens": tokens}, "target": tokens.roll(-1, 1)}
+    _, _, log, carried = criterion.forward_with_state(model, sample, None)
+    assert not carried.model_state.memory.requires_grad
+    assert all(not c.requires_grad for c in carried.model_state.cache)
+    assert log["sample_size"] == 6 and log["mem_norm"] > 0
