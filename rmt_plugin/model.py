@@ -152,7 +152,7 @@ class AttentionPlan(NamedTuple):
     """Everything about one (cache length, segment length) shape that all layers share."""
 
     bias: Tensor  # [Q, K] float: 0 where allowed, -inf where masked
-    distances: Tensor  # [K + Q - 1] relative distances, from K-1 down to -(Q-1), clamped
+    pos_emb: Tensor  # [K + Q - 1, d] sinusoids of the distances K-1 down to -(Q-1), clamped
     segment: slice  # query rows that are segment tokens
     next_memory: slice  # query rows whose outputs become the next memory
 
@@ -214,7 +214,7 @@ class RMTDecoder(FairseqDecoder):
             blocks = [memory, h, memory] if self.cfg.memory_layout == "rmt" else [memory, h]
             h = torch.cat(blocks, dim=1)
         h = self.dropout(h)
-        pos_emb = self.dropout(sinusoid(plan.distances, self.cfg.d_model).to(h.dtype))
+        pos_emb = self.dropout(plan.pos_emb.to(h.dtype))
 
         new_cache = [] if self.mem_len > 0 else None
         for i, layer in enumerate(self.layers):
@@ -257,7 +257,7 @@ class RMTDecoder(FairseqDecoder):
         if key not in self._plans:
             self._plans[key] = build_attention_plan(
                 seg_len, cache_len, self.num_mem_tokens, self.cfg.memory_layout, self.cfg.mem_attend_cache,
-                self.cfg.same_length, self.mem_len, self.cfg.clamp_len, device,
+                self.cfg.same_length, self.mem_len, self.cfg.clamp_len, self.cfg.d_model, device,
             )
         return self._plans[key]
 
@@ -302,7 +302,7 @@ def allowed_attention(seg_len: int, cache_len: int, m: int, layout: str, mem_att
 
 
 def build_attention_plan(seg_len, cache_len, m, layout, mem_attend_cache, same_length, mem_len, clamp_len,
-                         device) -> AttentionPlan:
+                         d_model, device) -> AttentionPlan:
     allowed = allowed_attention(seg_len, cache_len, m, layout, mem_attend_cache, same_length, mem_len)
     q_len, k_len = allowed.shape
     bias = torch.zeros(q_len, k_len).masked_fill_(~allowed, float("-inf"))
@@ -314,7 +314,8 @@ def build_attention_plan(seg_len, cache_len, m, layout, mem_attend_cache, same_l
         next_memory = slice(read + seg_len, q_len)
     else:
         next_memory = slice(0, read)
-    return AttentionPlan(bias.to(device), distances.to(device), slice(read, read + seg_len), next_memory)
+    pos_emb = sinusoid(distances, d_model)
+    return AttentionPlan(bias.to(device), pos_emb.to(device), slice(read, read + seg_len), next_memory)
 
 
 def relative_scores(q_r: Tensor, r_k: Tensor, k_len: int) -> Tensor:
