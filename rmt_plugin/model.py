@@ -43,7 +43,6 @@ from fairseq import utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import FairseqDecoder, FairseqLanguageModel, register_model, register_model_architecture
 from fairseq.modules import AdaptiveInput, AdaptiveSoftmax
-from omegaconf import II
 from torch import Tensor, nn
 
 MEMORY_LAYOUTS = ChoiceEnum(["rmt", "memtr"])
@@ -98,7 +97,6 @@ class RMTConfig(FairseqDataclass):
         default=1.0, metadata={"help": "adaptive input/softmax: each cluster's dimension is divided by this"}
     )
     tie_weights: bool = field(default=True, metadata={"help": "tie input embeddings and output weights"})
-    max_target_positions: Optional[int] = II("task.tokens_per_sample")
 
 
 @register_model("rmt", dataclass=RMTConfig)
@@ -232,9 +230,6 @@ class RMTDecoder(FairseqDecoder):
             return features  # the criterion / get_normalized_probs apply the adaptive softmax
         weight = self.embed_tokens.weight if self.out_weight is None else self.out_weight
         return F.linear(features, weight, self.out_bias)
-
-    def max_positions(self):
-        return self.cfg.max_target_positions
 
     # ----------------------------------------------------------------- memory and cache
     def _read_memory(self, state: Optional[RMTState], bsz: int) -> Tensor:
@@ -434,8 +429,9 @@ def _small(cfg):
     _set_defaults(cfg, n_layer=4, d_model=128, n_head=4, d_head=32, d_inner=512, dropout=0.1)
 
 
-# Paper configs: memory size 150 and cache = segment length 150 (WT103), 512 (enwik8).
+# Paper configs (its run scripts): segments of 150 (WT103) / 512 (enwik8) tokens, 150 / 256 memory
+# tokens, Transformer-XL cache = segment length.
 _register_family("wt103_base", _wt103_base, rmt_mem=150, xl_mem=150)
-_register_family("enwik8_base", _enwik8_base, rmt_mem=512, xl_mem=512)
+_register_family("enwik8_base", _enwik8_base, rmt_mem=256, xl_mem=512)
 _register_family("small", _small, rmt_mem=10, xl_mem=24)
 _register_family("tiny", _tiny, rmt_mem=4, xl_mem=16)

@@ -26,7 +26,7 @@ def make_model(task, num_mem_tokens=2, mem_len=0, layout="rmt", tie=False, seed=
     torch.manual_seed(seed)
     cfg = RMTConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.0,
                     num_mem_tokens=num_mem_tokens, mem_len=mem_len, memory_layout=layout,
-                    tie_weights=tie, max_target_positions=SEG_LEN)
+                    tie_weights=tie)
     return RMTLanguageModel.build_model(cfg, task).eval()
 
 

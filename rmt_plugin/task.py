@@ -1,0 +1,317 @@
+"""The ``rmt_lm`` task: language modelling over contiguous token streams with carried memory.
+
+Data layout. A split (binarized by ``fairseq-preprocess``) is read as one token sequence, every
+line followed by its eos. It is cut into ``S = batch size x data-parallel world size`` contiguous
+streams of equal length ``L = N // S``; the last ``N mod S`` tokens (fewer than ``S``) are
+dropped and logged, so every batch is full and every rank has the same number of batches
+(``--batch-size 1`` in ``fairseq-eval-lm`` scores the whole split). Rank ``r`` owns streams
+``r*B .. r*B+B-1``. Batch ``t`` holds, per stream, the next ``K*T`` tokens (``T =
+--tokens-per-sample``, ``K = --segments-per-sample``; the final batch may be narrower), so row
+``i`` of batch ``t+1`` continues row ``i`` of batch ``t``. Nothing is shuffled. Every kept token
+is a target, predicted from the token before it in the split; the split's first token is
+predicted from an eos, as if a previous line had just ended (fairseq's ``TokenBlockDataset``
+convention). ``ntokens`` counts the targets; there is no padding.
+
+Memory. Each collated sample carries ``sample["stream"] = {"split": name, "index": t,
+"batches": n}``. The task keeps, per (train|valid, split), the batch index it expects next and
+the memory state the criterion returned for the previous batch. Batch 0 starts from fresh
+memory, so every epoch and every validation pass starts fresh, and training and validation
+states never touch (even when validating on the training split). Any other unexpected index (a
+run resumed mid-epoch, a batch lost to an OOM) also starts fresh, with a warning: memory is not
+saved in checkpoints. ``fairseq-eval-lm`` bypasses the task's steps and calls the model
+directly, so its batches instead share one :class:`StreamHandle` in ``net_input["stream"]``
+that the model reads and updates.
+"""
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, NamedTuple, Optional, Tuple
+
+import numpy as np
+import torch
+from fairseq import utils
+from fairseq.data import Dictionary, FairseqDataset, data_utils, iterators
+from fairseq.dataclass import FairseqDataclass
+from fairseq.optim.amp_optimizer import AMPOptimizer
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RMTLMConfig(FairseqDataclass):
+    data: str = field(
+        default="???",
+        metadata={"help": "data directory written by fairseq-preprocess (dict.txt + splits); "
+                  "several directories separated by ':' are used one per epoch"},
+    )
+    tokens_per_sample: int = field(
+        default=512, metadata={"help": "segment length T: tokens the model reads per segment"}
+    )
+    segments_per_sample: int = field(
+        default=1,
+        metadata={"help": "K consecutive segments per batch row (batches are B x K*T) for the "
+                  "criterion to unroll; fairseq-eval-lm always feeds one segment per batch"},
+    )
+    # Only read to fail early: the number of streams is the iterator's batch size.
+    batch_size: Optional[int] = II("dataset.batch_size")
+
+
+class StreamHandle:
+    """The memory of one ``fairseq-eval-lm`` pass, shared by all of its batches.
+
+    The model reads ``state`` (None = fresh memory) and writes back its detached next state.
+    A plain object on purpose: fairseq's ``move_to_cuda`` passes it through unchanged, where
+    dicts, lists and tuples would be copied.
+    """
+
+    def __init__(self):
+        self.state = None
+
+
+class TokenStream(FairseqDataset):
+    """A split as one token sequence: its lines, each with its eos, back to back.
+
+    ``len()`` is the number of tokens.
+    """
+
+    def __init__(self, lines, eos: int, split: str):
+        self.lines = lines
+        self.split = split
+        self.sizes = np.asarray(lines.sizes, dtype=np.int64)
+        self.ends = np.cumsum(self.sizes)
+        self.eos = eos
+
+    def __len__(self):
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def tokens(self, start: int, stop: int) -> torch.Tensor:
+        """Tokens ``[start, stop)`` of the stream."""
+        pieces = []
+        line = int(np.searchsorted(self.ends, start, side="right"))
+        while start < stop:
+            line_start = int(self.ends[line] - self.sizes[line])
+            piece_stop = min(stop, int(self.ends[line]))
+            pieces.append(self.lines[line][start - line_start : piece_stop - line_start].long())
+            start = piece_stop
+            line += 1
+        return torch.cat(pieces)
+
+    def sources_and_targets(self, start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Targets ``[start, stop)`` and their sources, the token before each."""
+        if start == 0:
+            window = torch.cat([torch.tensor([self.eos]), self.tokens(0, stop)])
+        else:
+            window = self.tokens(start - 1, stop)
+        return window[:-1], window[1:]
+
+
+class StreamBatches(FairseqDataset):
+    """Item ``t`` is batch ``t`` of one rank: the next ``width`` tokens of each of its streams."""
+
+    def __init__(self, stream: TokenStream, batch_size: int, num_shards: int, shard_id: int,
+                 width: int, handle: Optional[StreamHandle] = None):
+        split = stream.split
+        n_streams = batch_size * num_shards
+        self.stream_len = len(stream) // n_streams
+        if self.stream_len == 0:
+            raise ValueError(
+                f"split '{split}' has {len(stream)} tokens, fewer than the {n_streams} streams "
+                f"asked for (--batch-size {batch_size} x {num_shards} data-parallel ranks)"
+            )
+        logger.info(
+            f"{split}: {n_streams} streams of {self.stream_len} tokens, {batch_size} on rank "
+            f"{shard_id}; {len(stream) - n_streams * self.stream_len} tail tokens dropped"
+        )
+        first = shard_id * batch_size
+        self.stream = stream
+        self.width = width
+        self.handle = handle
+        self.row_ids = torch.arange(first, first + batch_size)
+        self.starts = [int(row) * self.stream_len for row in self.row_ids]
+
+    def __len__(self):
+        return math.ceil(self.stream_len / self.width)
+
+    def __getitem__(self, index: int):
+        offset = index * self.width
+        stop = min(offset + self.width, self.stream_len)
+        pairs = [self.stream.sources_and_targets(s + offset, s + stop) for s in self.starts]
+        sources, targets = zip(*pairs)
+        return index, torch.stack(sources), torch.stack(targets)
+
+    def collater(self, items):
+        # Every item is already a whole batch (see RMTLMTask._iterator).
+        (index, sources, targets), = items
+        net_input = {"src_tokens": sources}
+        if self.handle is not None:
+            net_input["stream"] = self.handle
+        return {
+            "id": self.row_ids.clone(),
+            "nsentences": sources.size(0),
+            "ntokens": targets.numel(),
+            "net_input": net_input,
+            "target": targets,
+            "stream": {"split": self.stream.split, "index": index, "batches": len(self)},
+        }
+
+
+class _Cursor(NamedTuple):
+    next_index: int
+    state: Any
+
+
+@register_task("rmt_lm", dataclass=RMTLMConfig)
+class RMTLMTask(FairseqTask):
+    def __init__(self, cfg: RMTLMConfig):
+        super().__init__(cfg)
+        _check_positive(cfg.tokens_per_sample, "--tokens-per-sample")
+        _check_positive(cfg.segments_per_sample, "--segments-per-sample")
+        _check_batch_size(cfg.batch_size)
+        paths = utils.split_paths(cfg.data)
+        dict_path = os.path.join(paths[0], "dict.txt")
+        if not os.path.isfile(dict_path):
+            raise FileNotFoundError(f"--task rmt_lm: no dictionary {dict_path} (DATA must be a "
+                                    "fairseq-preprocess output directory)")
+        self.dictionary = Dictionary.load(dict_path)
+        logger.info(f"dictionary: {len(self.dictionary)} types")
+        self._cursors: Dict[Tuple[str, str], _Cursor] = {}
+
+    @property
+    def source_dictionary(self):
+        return self.dictionary
+
+    @property
+    def target_dictionary(self):
+        return self.dictionary
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        paths = utils.split_paths(self.cfg.data)
+        split_path = os.path.join(paths[(epoch - 1) % len(paths)], split)
+        lines = data_utils.load_indexed_dataset(split_path, self.dictionary, combine=combine)
+        if lines is None:
+            raise FileNotFoundError(f"--task rmt_lm: split '{split}' not found at {split_path}")
+        self.datasets[split] = TokenStream(lines, self.dictionary.eos(), split)
+
+    def build_criterion(self, cfg):
+        criterion = super().build_criterion(cfg)
+        if not callable(getattr(criterion, "forward_with_state", None)):
+            name = getattr(cfg, "_name", None) or type(criterion).__name__
+            raise ValueError(f"--task rmt_lm carries memory between batches and needs a "
+                             f"criterion with forward_with_state (e.g. --criterion rmt_lm), "
+                             f"not --criterion {name}")
+        return criterion
+
+    def get_batch_iterator(self, dataset, max_sentences=None, num_shards=1, shard_id=0,
+                           num_workers=0, epoch=1, data_buffer_size=0,
+                           skip_remainder_batch=False, **kwargs):
+        """Batches of ``max_sentences`` streams, ``K*T`` tokens wide.
+
+        Length filtering, token budgets and shuffling do not apply to streams, so the other
+        arguments are ignored. fairseq passes the data-parallel world size and rank as
+        ``num_shards``/``shard_id``, which is what gives every rank its own streams.
+        """
+        _check_batch_size(max_sentences)
+        batches = StreamBatches(
+            dataset, max_sentences, num_shards, shard_id,
+            width=self.cfg.tokens_per_sample * self.cfg.segments_per_sample,
+        )
+        return self._iterator(batches, num_workers, epoch, data_buffer_size,
+                              skip_remainder_batch)
+
+    def eval_lm_dataloader(self, dataset, max_tokens=None, batch_size=None, max_positions=None,
+                           num_shards=1, shard_id=0, num_workers=1, data_buffer_size=10,
+                           context_window=0):
+        """One segment per batch, all batches of the pass sharing one :class:`StreamHandle`."""
+        if context_window > 0:
+            raise ValueError("--context-window is not supported by --task rmt_lm: memory carries "
+                             "the context; size it with --model-overrides (e.g. "
+                             "\"{'mem_len': 512}\") instead")
+        _check_batch_size(batch_size)
+        batches = StreamBatches(
+            dataset, batch_size, num_shards, shard_id,
+            width=self.cfg.tokens_per_sample, handle=StreamHandle(),
+        )
+        # num_workers=0: a worker process would hand back a pickled copy of the handle with
+        # every batch, and the memory would never get from one batch to the next.
+        return self._iterator(batches, 0, 1, data_buffer_size).next_epoch_itr(shuffle=False)
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        """FairseqTask.train_step, with the memory carried over from the previous batch."""
+        model.train()
+        model.set_num_updates(update_num)
+        # A dummy batch (ignore_grad) only keeps a rank in step with the others: its forward
+        # must not depend on the stream's memory, nor move it.
+        state = None if ignore_grad else self._resume("train", sample)
+        with torch.autograd.profiler.record_function("forward"):
+            with torch.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):
+                loss, sample_size, logging_output, next_state = criterion.forward_with_state(
+                    model, sample, state
+                )
+        if ignore_grad:
+            loss *= 0
+        else:
+            self._remember("train", sample, next_state)
+        with torch.autograd.profiler.record_function("backward"):
+            optimizer.backward(loss)
+        return loss, sample_size, logging_output
+
+    def valid_step(self, sample, model, criterion):
+        model.eval()
+        with torch.no_grad():
+            loss, sample_size, logging_output, next_state = criterion.forward_with_state(
+                model, sample, self._resume("valid", sample)
+            )
+        self._remember("valid", sample, next_state)
+        return loss, sample_size, logging_output
+
+    def _resume(self, role: str, sample) -> Any:
+        """The memory state to process *sample* with; None means fresh memory."""
+        split, index = sample["stream"]["split"], sample["stream"]["index"]
+        if index == 0:
+            return None
+        cursor = self._cursors.get((role, split))
+        expected = cursor.next_index if cursor is not None else 0
+        if index != expected:
+            logger.warning(f"{role} batch {index} of split '{split}' arrived where batch "
+                           f"{expected} was expected (resumed run?): starting from fresh memory")
+            return None
+        return cursor.state
+
+    def _remember(self, role: str, sample, next_state: Any):
+        stream = sample["stream"]
+        key = (role, stream["split"])
+        if stream["index"] + 1 < stream["batches"]:
+            self._cursors[key] = _Cursor(stream["index"] + 1, next_state)
+        else:
+            # Nothing follows the last batch: free its memory (a Transformer-XL cache can be
+            # large) instead of holding it through validation or the next epoch.
+            self._cursors.pop(key, None)
+
+    @staticmethod
+    def _iterator(batches, num_workers, epoch, data_buffer_size, skip_remainder_batch=False):
+        return iterators.EpochBatchIterator(
+            dataset=batches,
+            collate_fn=batches.collater,
+            batch_sampler=[[i] for i in range(len(batches))],
+            num_workers=num_workers,
+            epoch=epoch,
+            buffer_size=data_buffer_size,
+            disable_shuffling=True,
+            skip_remainder_batch=skip_remainder_batch,
+        )
+
+
+def _check_positive(value, flag):
+    if value is None or value < 1:
+        raise ValueError(f"--task rmt_lm: {flag} must be a positive integer, got {value}")
+
+
+def _check_batch_size(batch_size):
+    if batch_size is None:
+        raise ValueError("--task rmt_lm needs --batch-size (the number of parallel streams per "
+                         "GPU); --max-tokens alone cannot lay out streams")
+    _check_positive(batch_size, "--batch-size")

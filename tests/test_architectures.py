@@ -1,0 +1,205 @@
+"""Named architectures: resolved from the command line exactly as fairseq-train does, they give
+the paper configurations (Transformer-XL base backbones of Dai et al. 2019, which the RMT paper
+reuses), the published parameter counts, and the memory/cache settings their names say.
+"""
+
+import functools
+
+import pytest
+import torch
+from fairseq import options, tasks
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.models import ARCH_MODEL_INV_REGISTRY
+
+import rmt_plugin  # noqa: F401  (registers the archs, so the registry listing below sees them)
+
+WT103_TYPES = 267_735  # WikiText-103 vocabulary; fairseq's Dictionary adds 4 specials
+ENWIK8_TYPES = 204  # bytes seen in enwik8
+
+WT103_BASE = dict(n_layer=16, d_model=410, n_head=10, d_head=41, d_inner=2100, dropout=0.1,
+                  dropatt=0.0, adaptive_softmax_cutoff="20000,40000,200000", div_val=1.0)
+ENWIK8_BASE = dict(n_layer=12, d_model=512, n_head=8, d_head=64, d_inner=2048, dropout=0.1,
+                   dropatt=0.0, adaptive_softmax_cutoff=None)
+# Transformer-XL base training scripts: cache length = segment length.
+XL_MEM_LEN = {"wt103_base": 150, "enwik8_base": 512}
+# The RMT paper's run scripts (LM-RMT): 150 memory tokens on WT103, 256 on enwik8.
+RMT_MEM_TOKENS = {"wt103_base": 150, "enwik8_base": 256}
+BASE_FAMILIES = {"wt103_base": WT103_BASE, "enwik8_base": ENWIK8_BASE}
+BACKBONE_FIELDS = ("n_layer", "d_model", "n_head", "d_head", "d_inner", "dropout", "dropatt", "pre_lnorm",
+                   "adaptive_softmax_cutoff", "div_val", "tie_weights", "clamp_len", "same_length")
+
+# Published sizes: Transformer-XL base on WT103 151.1M (fairseq's truncated_bptt README counts
+# 151,123,537 for its HF-based copy), 12-layer enwik8 41M (Dai et al. 2019, Table 2).
+WT103_PUBLISHED = 151_123_537
+ENWIK8_PUBLISHED = 41_000_000
+
+# Every architecture registered for the "rmt" model, so a family added later is covered too.
+ALL_ARCHS = list(ARCH_MODEL_INV_REGISTRY["rmt"])
+NAMED_ARCHS = [a for a in ALL_ARCHS if a != "rmt"]
+
+
+def family_of(arch):
+    for prefix in ("transformer_xl_", "rmt_xl_", "rmt_"):
+        if arch.startswith(prefix):
+            return arch[len(prefix):]
+    raise AssertionError(f"{arch}: not named <rmt|transformer_xl|rmt_xl>_<family>")
+
+
+# --------------------------------------------------------------------------- fairseq's CLI path
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+    """fairseq-preprocess-like directories holding only a dict.txt of the right size."""
+    dirs = {}
+    for name, n_types in (("wt103", WT103_TYPES), ("enwik8", ENWIK8_TYPES), ("small", 100)):
+        path = tmp_path_factory.mktemp(name)
+        (path / "dict.txt").write_text("".join(f"w{i} 1\n" for i in range(n_types)))
+        dirs[name] = str(path)
+    return dirs
+
+
+@functools.lru_cache(maxsize=None)
+def resolve(data_dir, arch, *extra):
+    """The composed config fairseq-train would run with: argparse, arch defaults, then OmegaConf."""
+    argv = [data_dir, "--task", "rmt_lm", "--arch", arch, "--user-dir", "rmt_plugin",
+            "--batch-size", "1", *extra]
+    args = options.parse_args_and_arch(options.get_training_parser(), argv)
+    return convert_namespace_to_omegaconf(args)
+
+
+@functools.lru_cache(maxsize=None)
+def setup_task(data_dir):
+    return tasks.setup_task(resolve(data_dir, "rmt").task)
+
+
+def count_parameters(data_dir, arch):
+    """Built on the meta device: the count is structural, and three real 151M-parameter models
+    would cost seconds and gigabytes each for nothing."""
+    cfg = resolve(data_dir, arch)
+    with torch.device("meta"):
+        model = setup_task(data_dir).build_model(cfg.model)
+    return sum(p.numel() for p in model.parameters()), model
+
+
+def data_dir_for(dirs, family):
+    return dirs["wt103" if family.startswith("wt103") else "enwik8" if family.startswith("enwik8") else "small"]
+
+
+# --------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("family", list(BASE_FAMILIES))
+@pytest.mark.parametrize("variant", ["rmt", "transformer_xl", "rmt_xl"])
+def test_base_archs_resolve_to_the_paper_backbone(data_dirs, variant, family):
+    cfg = resolve(data_dir_for(data_dirs, family), f"{variant}_{family}", "--tokens-per-sample", "150").model
+    for name, value in BASE_FAMILIES[family].items():
+        assert cfg[name] == value, f"{variant}_{family}: {name} = {cfg[name]!r}, paper: {value!r}"
+    assert cfg.n_head * cfg.d_head == cfg.d_model
+    assert not cfg.pre_lnorm and cfg.tie_weights  # Transformer-XL: post-LayerNorm, tied embeddings
+    if variant != "rmt":
+        assert cfg.mem_len == XL_MEM_LEN[family]
+    if variant != "transformer_xl":
+        assert cfg.num_mem_tokens == RMT_MEM_TOKENS[family]
+
+
+@pytest.mark.parametrize("arch", NAMED_ARCHS)
+def test_memory_and_cache_are_what_the_name_says(data_dirs, arch):
+    family = family_of(arch)
+    cfg = resolve(data_dir_for(data_dirs, family), arch).model
+    if arch.startswith("transformer_xl_"):
+        assert cfg.num_mem_tokens == 0 and cfg.mem_len > 0
+    elif arch.startswith("rmt_xl_"):
+        assert cfg.num_mem_tokens > 0 and cfg.mem_len > 0
+    else:
+        assert cfg.num_mem_tokens > 0 and cfg.mem_len == 0
+    assert cfg.memory_layout == "rmt" and not cfg.mem_attend_cache  # the paper's RMT defaults
+
+
+@pytest.mark.parametrize("family", sorted({family_of(a) for a in NAMED_ARCHS}))
+def test_a_family_shares_one_backbone_and_its_sizes(data_dirs, family):
+    data_dir = data_dir_for(data_dirs, family)
+    rmt, xl, both = (resolve(data_dir, f"{v}_{family}").model for v in ("rmt", "transformer_xl", "rmt_xl"))
+    for name in BACKBONE_FIELDS:
+        assert rmt[name] == xl[name] == both[name], f"{family}: {name} differs between variants"
+    # Tr-XL + RMT is exactly the union: RMT's memory and Transformer-XL's cache
+    assert both.num_mem_tokens == rmt.num_mem_tokens
+    assert both.mem_len == xl.mem_len
+
+
+def test_bare_rmt_arch_is_the_no_memory_baseline(data_dirs):
+    cfg = resolve(data_dirs["small"], "rmt").model
+    assert cfg.num_mem_tokens == 0 and cfg.mem_len == 0
+
+
+def test_command_line_flags_override_the_arch_defaults(data_dirs):
+    # Sweeping memory sizes on a named backbone must work: explicit flags win, the rest stays.
+    cfg = resolve(data_dirs["wt103"], "rmt_xl_wt103_base", "--num-mem-tokens", "10", "--mem-len", "75",
+                  "--n-layer", "4", "--dropout", "0.2").model
+    assert (cfg.num_mem_tokens, cfg.mem_len, cfg.n_layer, cfg.dropout) == (10, 75, 4, 0.2)
+    assert (cfg.d_model, cfg.n_head, cfg.d_inner) == (410, 10, 2100)
+
+
+# --------------------------------------------------------------------------- parameter counts
+def test_wt103_base_parameter_count(data_dirs):
+    xl, xl_model = count_parameters(data_dirs["wt103"], "transformer_xl_wt103_base")
+    rmt, _ = count_parameters(data_dirs["wt103"], "rmt_wt103_base")
+    both, _ = count_parameters(data_dirs["wt103"], "rmt_xl_wt103_base")
+    assert len(setup_task(data_dirs["wt103"]).target_dictionary) == WT103_TYPES + 4
+    print(f"\nWT103 base parameters: transformer_xl {xl:,}, rmt {rmt:,}, rmt_xl {both:,}")
+    assert abs(xl - WT103_PUBLISHED) <= 0.01 * WT103_PUBLISHED, xl
+    # The memory is the only addition: m learned d_model-vectors, nothing per layer.
+    m = resolve(data_dirs["wt103"], "rmt_wt103_base").model.num_mem_tokens
+    assert rmt - xl == both - xl == m * 410
+    # The adaptive input covers the whole vocabulary at full width (div_val=1): no rows lost
+    tables = sum(e.weight.numel() for e in xl_model.decoder.embed_tokens.modules() if isinstance(e, torch.nn.Embedding))
+    assert tables == (WT103_TYPES + 4) * 410
+
+
+def test_enwik8_base_parameter_count(data_dirs):
+    xl, _ = count_parameters(data_dirs["enwik8"], "transformer_xl_enwik8_base")
+    rmt, _ = count_parameters(data_dirs["enwik8"], "rmt_enwik8_base")
+    both, _ = count_parameters(data_dirs["enwik8"], "rmt_xl_enwik8_base")
+    print(f"\nenwik8 base parameters: transformer_xl {xl:,}, rmt {rmt:,}, rmt_xl {both:,}")
+    assert abs(xl - ENWIK8_PUBLISHED) <= 0.015 * ENWIK8_PUBLISHED, xl
+    m = resolve(data_dirs["enwik8"], "rmt_enwik8_base").model.num_mem_tokens
+    assert rmt - xl == both - xl == m * 512
+
+
+@pytest.mark.parametrize("family", list(BASE_FAMILIES))
+def test_layer_stack_has_exactly_transformer_xls_parameters(data_dirs, family):
+    """Independent count: HF's Transformer-XL layers of the same size (built on the meta device;
+    the layers do not depend on the vocabulary) hold exactly as many parameters as ours."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TransfoXL is deprecated in transformers 4.35
+        from transformers.models.transfo_xl import TransfoXLConfig, TransfoXLLMHeadModel
+    cfg = resolve(data_dir_for(data_dirs, family), f"transformer_xl_{family}").model
+    hf_config = TransfoXLConfig(vocab_size=16, cutoffs=[], d_model=cfg.d_model, d_embed=cfg.d_model,
+                                n_head=cfg.n_head, d_head=cfg.d_head, d_inner=cfg.d_inner, n_layer=cfg.n_layer,
+                                div_val=1, untie_r=True, pre_lnorm=False)
+    with torch.device("meta"):
+        hf_layers = TransfoXLLMHeadModel(hf_config).transformer.layers
+    _, ours = count_parameters(data_dir_for(data_dirs, family), f"transformer_xl_{family}")
+    assert sum(p.numel() for p in ours.decoder.layers.parameters()) == sum(p.numel() for p in hf_layers.parameters())
+
+
+# --------------------------------------------------------------------------- small models run
+@pytest.mark.parametrize("arch", [a for a in NAMED_ARCHS if "base" not in family_of(a)])
+def test_small_archs_carry_the_state_their_name_says(data_dirs, arch):
+    """Built for real and run over two segments: memory and cache exist exactly when promised."""
+    data_dir = data_dirs["small"]
+    cfg = resolve(data_dir, arch, "--tokens-per-sample", "8").model
+    model = setup_task(data_dir).build_model(cfg).eval()
+    tokens = torch.randint(4, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, extra = model(tokens)
+        logits, extra = model(tokens, state=extra["state"])
+    state = extra["state"]
+    assert logits.shape == (2, 8, 104) and torch.isfinite(logits).all()
+    if cfg.num_mem_tokens > 0:
+        assert state.memory.shape == (2, cfg.num_mem_tokens, cfg.d_model)
+    else:
+        assert state.memory is None
+    if cfg.mem_len > 0:
+        assert len(state.cache) == cfg.n_layer
+        assert state.cache[0].shape == (2, min(cfg.mem_len, 16), cfg.d_model)  # two segments seen
+    else:
+        assert state.cache is None
