@@ -179,13 +179,6 @@ def _fix_fairseq_utils(module):
     module.import_user_module = import_user_module
 
 
-_POST_IMPORT_FIXES = {
-    "hydra.core.plugins": _fix_hydra_plugins,
-    "hydra._internal.utils": _fix_hydra_utils,
-    "fairseq.utils": _fix_fairseq_utils,
-}
-
-
 # ---------------------------------------------------------------- import hook
 def _after_dataclasses(module):
     _patch_dataclass_defaults()
