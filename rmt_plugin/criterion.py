@@ -28,6 +28,7 @@ an attribute of the tensor instead of its data), which cuts the gradient; we res
 memory of k segments back, as the method describes.
 """
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Tuple
@@ -40,6 +41,8 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from torch import Tensor
 
 from .model import RMTState
+
+logger = logging.getLogger(__name__)
 
 BPTT_MODES = ChoiceEnum(["chunk", "sliding"])
 
@@ -83,6 +86,13 @@ class RMTLMCriterion(FairseqCriterion):
         self.bptt_mode = bptt_mode
         self.report_accuracy = report_accuracy
         self.segment_length = task.cfg.tokens_per_sample
+        segments = getattr(task.cfg, "segments_per_sample", None)
+        if bptt_mode == "chunk" and bptt_depth > 0 and segments and segments % (bptt_depth + 1):
+            logger.warning(
+                f"--bptt-mode chunk detaches memory every --bptt-depth+1 = {bptt_depth + 1} segments and at "
+                f"every batch start, but --segments-per-sample is {segments}: some chunks are cut short; "
+                "use a multiple of bptt_depth+1 or --bptt-mode sliding"
+            )
 
     def forward(self, model, sample, reduce=True):
         """Fresh memory for this batch (each batch row starts a new stream)."""
@@ -92,8 +102,8 @@ class RMTLMCriterion(FairseqCriterion):
     def forward_with_state(self, model, sample, carried: Optional[CarriedState]):
         """Unroll the batch's segments from ``carried``; returns fairseq's triple + the next state."""
         tokens = sample["net_input"]["src_tokens"]
-        segments = list(zip(tokens.split(self.segment_length, dim=1),
-                            sample["target"].split(self.segment_length, dim=1)))
+        segments = [(t.contiguous(), y.contiguous()) for t, y in zip(
+            tokens.split(self.segment_length, dim=1), sample["target"].split(self.segment_length, dim=1))]
         results, carried = self.unroll(model, segments, carried or CarriedState(None))
         loss = sum(self.segment_loss(model, r) for r in results)
         sample_size = sample["target"].ne(self.padding_idx).sum().item()

@@ -201,3 +201,12 @@ def test_carried_state_is_detached_between_batches():
     assert not carried.model_state.memory.requires_grad
     assert all(not c.requires_grad for c in carried.model_state.cache)
     assert log["sample_size"] == 6 and log["mem_norm"] > 0
+
+
+def test_chunk_mode_warns_when_chunks_straddle_batches(caplog):
+    task = make_task()
+    task.cfg.segments_per_sample = 3
+    make_criterion(task, 2, "chunk")
+    assert not caplog.records
+    make_criterion(task, 1, "chunk")
+    assert "--segments-per-sample is 3" in caplog.text
