@@ -2,7 +2,7 @@
 # README command (1): set up, then train and evaluate a tiny RMT on the embedded corpus
 # (examples/data/tiny-wikitext2, byte level: the loss in base 2 is bits per character).
 # Idempotent: a rerun reuses the venv, the data and the finished checkpoint.
-#   DEMO_UPDATES  training updates (default 300)
+#   DEMO_UPDATES  training updates (default 1000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh .venv
@@ -17,7 +17,7 @@ fairseq-train "$DATA" --user-dir rmt_plugin \
   --task rmt_lm --tokens-per-sample "$SEG" --segments-per-sample 2 --batch-size 8 \
   --arch rmt_tiny --num-mem-tokens 8 \
   --criterion rmt_lm --bptt-depth 1 \
-  --optimizer adam --lr 0.002 --clip-norm 0.25 --max-update "${DEMO_UPDATES:-300}" \
+  --optimizer adam --lr 0.002 --clip-norm 0.25 --max-update "${DEMO_UPDATES:-1000}" \
   --save-dir "$SAVE" --no-epoch-checkpoints --log-format simple --log-interval 50 \
   --num-workers 0 --seed 1
 
