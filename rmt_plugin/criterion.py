@@ -33,7 +33,6 @@ import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Tuple
 
-import torch
 import torch.nn.functional as F
 from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion

@@ -39,7 +39,6 @@ from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from fairseq import utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import FairseqDecoder, FairseqLanguageModel, register_model, register_model_architecture
 from fairseq.modules import AdaptiveInput, AdaptiveSoftmax

@@ -6,7 +6,6 @@ checkpoint must print Loss (base 2) and Perplexity for every token it claims to 
 """
 
 import json
-import math
 import re
 import subprocess
 import sys
