@@ -26,6 +26,16 @@ memory each started with are carried between batches, so the depth holds across 
 The paper's code restarts that re-run from the newest, already detached memory (it assigns to
 an attribute of the tensor instead of its data), which cuts the gradient; we restart from the
 memory of k segments back, as the method describes.
+
+Auxiliary memory loss (``--aux-memory-loss-weight w``, Tr-XL + RMT only). With a cache, the
+model can predict a segment from the cache alone and leave the memory tokens unused. The
+auxiliary loss is the LM loss of the same segment run a second time from the same memory but
+with the cache hidden, so only the memory carries the past; the optimised loss is
+``lm + w * aux``. It back-propagates through the memory under the same BPTT schedule as the LM
+loss. It costs one more forward and backward per segment that has a cache. The paper reports
+w = 0.01; its code was not available to us, so this definition is ours (see the README).
+``loss``, ``ppl`` and checkpoint selection stay on the LM loss alone; ``aux_memory_loss`` is
+logged beside them, in base 2 per target token.
 """
 
 import logging
@@ -61,6 +71,11 @@ class RMTLMCriterionConfig(FairseqDataclass):
     report_accuracy: bool = field(
         default=False, metadata={"help": "log per-token accuracy and exact match (whole row correct)"}
     )
+    aux_memory_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Tr-XL + RMT: add this weight times the LM loss of each segment re-run from "
+                          "the memory alone, without the cache (the paper used 0.01; 0: off)"},
+    )
 
 
 class CarriedState(NamedTuple):
@@ -73,14 +88,18 @@ class CarriedState(NamedTuple):
 class SegmentResult(NamedTuple):
     net_output: tuple
     target: Tensor
+    memory_only_output: Optional[tuple] = None  # the auxiliary run: same memory, no cache
 
 
 @register_criterion("rmt_lm", dataclass=RMTLMCriterionConfig)
 class RMTLMCriterion(FairseqCriterion):
-    def __init__(self, task, bptt_depth=1, bptt_mode="chunk", report_accuracy=False):
+    def __init__(self, task, bptt_depth=1, bptt_mode="chunk", report_accuracy=False, aux_memory_loss_weight=0.0):
         super().__init__(task)
         if bptt_depth < 0:
             raise ValueError(f"--bptt-depth must be >= 0, got {bptt_depth}")
+        if not aux_memory_loss_weight >= 0:  # also rejects NaN
+            raise ValueError(f"--aux-memory-loss-weight must be >= 0, got {aux_memory_loss_weight}")
+        self.aux_memory_loss_weight = aux_memory_loss_weight
         self.bptt_depth = bptt_depth
         self.bptt_mode = bptt_mode
         self.report_accuracy = report_accuracy
@@ -100,11 +119,12 @@ class RMTLMCriterion(FairseqCriterion):
 
     def forward_with_state(self, model, sample, carried: Optional[CarriedState]):
         """Unroll the batch's segments from ``carried``; returns fairseq's triple + the next state."""
+        self.check_model(model)
         tokens = sample["net_input"]["src_tokens"]
         segments = [(t.contiguous(), y.contiguous()) for t, y in zip(
             tokens.split(self.segment_length, dim=1), sample["target"].split(self.segment_length, dim=1))]
         results, carried = self.unroll(model, segments, carried or CarriedState(None))
-        loss = sum(self.segment_loss(model, r) for r in results)
+        loss = sum(self.segment_loss(model, r.net_output, r.target) for r in results)
         sample_size = sample["target"].ne(self.padding_idx).sum().item()
         logging_output = {
             "loss": loss.data,
@@ -112,6 +132,10 @@ class RMTLMCriterion(FairseqCriterion):
             "nsentences": tokens.size(0),
             "sample_size": sample_size,
         }
+        if self.aux_memory_loss_weight > 0:
+            aux_loss = sum(self.segment_loss(model, r.memory_only_output, r.target) for r in results)
+            logging_output["aux_memory_loss"] = aux_loss.data
+            loss = loss + self.aux_memory_loss_weight * aux_loss
         memory = carried.model_state.memory if carried.model_state is not None else None
         if memory is not None:
             logging_output["mem_norm"] = memory.float().norm(dim=-1).mean().item()
@@ -119,6 +143,14 @@ class RMTLMCriterion(FairseqCriterion):
         if self.report_accuracy:
             logging_output.update(self.accuracy_counts(model, results))
         return loss, sample_size, logging_output, carried
+
+    def check_model(self, model):
+        decoder = model.decoder
+        if self.aux_memory_loss_weight > 0 and not (decoder.num_mem_tokens > 0 and decoder.mem_len > 0):
+            raise ValueError(
+                "--aux-memory-loss-weight needs a Tr-XL + RMT model (--num-mem-tokens > 0 and --mem-len > 0), "
+                f"got --num-mem-tokens {decoder.num_mem_tokens} --mem-len {decoder.mem_len}"
+            )
 
     # ------------------------------------------------------------------ the BPTT schedule
     def unroll(self, model, segments, carried: CarriedState):
@@ -133,9 +165,9 @@ class RMTLMCriterion(FairseqCriterion):
         for j, (tokens, target) in enumerate(segments):
             if j % (depth + 1) == 0 and state is not None:
                 state = state.detach()
-            net_output = model(tokens, state=state)
-            state = net_output[1]["state"]
-            results.append(SegmentResult(net_output, target))
+            result = self.run_segment(model, tokens, target, state)
+            state = result.net_output[1]["state"]
+            results.append(result)
         return results, CarriedState(state.detach())
 
     def _unroll_sliding(self, model, segments, carried, depth):
@@ -145,24 +177,33 @@ class RMTLMCriterion(FairseqCriterion):
             replay = window[0][1] if window else state
             for past_tokens, _ in window:
                 replay = model(past_tokens, state=replay)[1]["state"]
-            net_output = model(tokens, state=replay)
-            results.append(SegmentResult(net_output, target))
+            result = self.run_segment(model, tokens, target, replay)
+            results.append(result)
             history = (history + [(tokens, state)])[-depth:]
-            state = net_output[1]["state"].detach()
+            state = result.net_output[1]["state"].detach()
         return results, CarriedState(state, tuple(history))
 
+    def run_segment(self, model, tokens, target, state: Optional[RMTState]) -> SegmentResult:
+        """The segment's forward, plus the memory-only run when the auxiliary loss is on."""
+        net_output = model(tokens, state=state)
+        if self.aux_memory_loss_weight <= 0:
+            return SegmentResult(net_output, target)
+        if state is None or not state.cache:  # nothing to hide: the run itself is memory-only
+            return SegmentResult(net_output, target, net_output)
+        return SegmentResult(net_output, target, model(tokens, state=RMTState(state.memory, None)))
+
     # ------------------------------------------------------------------ losses and metrics
-    def segment_loss(self, model, result: SegmentResult) -> Tensor:
+    def segment_loss(self, model, net_output, target: Tensor) -> Tensor:
         """Summed cross-entropy (nats) over the segment's non-pad targets."""
         adaptive_softmax = getattr(model.decoder, "adaptive_softmax", None)
         if adaptive_softmax is not None:
-            logits, targets = adaptive_softmax(result.net_output[0], result.target)
+            logits, targets = adaptive_softmax(net_output[0], target)
             return sum(
                 F.cross_entropy(lg, tg, ignore_index=self.padding_idx, reduction="sum")
                 for lg, tg in zip(logits, targets) if lg is not None
             )
-        lprobs = model.get_normalized_probs(result.net_output, log_probs=True)
-        return F.nll_loss(lprobs.view(-1, lprobs.size(-1)), result.target.reshape(-1),
+        lprobs = model.get_normalized_probs(net_output, log_probs=True)
+        return F.nll_loss(lprobs.view(-1, lprobs.size(-1)), target.reshape(-1),
                           ignore_index=self.padding_idx, reduction="sum")
 
     def accuracy_counts(self, model, results):
@@ -184,6 +225,9 @@ class RMTLMCriterion(FairseqCriterion):
         loss_sum, sample_size = total("loss"), total("sample_size")
         metrics.log_scalar("loss", loss_sum / max(sample_size, 1) / math.log(2), sample_size, round=3)
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["loss"].avg))
+        if any("aux_memory_loss" in log for log in logging_outputs):
+            metrics.log_scalar("aux_memory_loss", total("aux_memory_loss") / max(sample_size, 1) / math.log(2),
+                               sample_size, round=3)
         if total("mem_batches") > 0:
             metrics.log_scalar("mem_norm", total("mem_norm") / total("mem_batches"), total("mem_batches"),
                                round=3)

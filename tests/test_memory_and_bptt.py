@@ -1,13 +1,15 @@
 """Memory layout, memory flow between segments and the BPTT schedule, shown with gradients."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from fairseq import metrics
 from fairseq.data import Dictionary
 
 from rmt_plugin.criterion import CarriedState, RMTLMCriterion
-from rmt_plugin.model import RMTConfig, RMTLanguageModel, allowed_attention
+from rmt_plugin.model import RMTConfig, RMTLanguageModel, RMTState, allowed_attention
 
 SEG_LEN = 3
 
@@ -134,6 +136,10 @@ def test_first_segment_reads_the_learned_memory_and_later_ones_the_written_memor
 
 
 # --------------------------------------------------------------------------- BPTT depth
+def segment_loss(criterion, model, result):
+    return criterion.segment_loss(model, result.net_output, result.target)
+
+
 def _embedding_grad_rows(model, loss):
     (grad,) = torch.autograd.grad(loss, model.decoder.embed_tokens.weight, allow_unused=True)
     return grad
@@ -148,7 +154,7 @@ def test_loss_reaches_exactly_depth_segments_back(mode, depth):
     segments = distinct_segments(2 * (depth + 1))
     results, _ = criterion.unroll(model, segments, CarriedState(None))
     j = len(segments) - 1  # last of its chunk in chunk mode
-    grad = _embedding_grad_rows(model, criterion.segment_loss(model, results[j]))
+    grad = _embedding_grad_rows(model, segment_loss(criterion, model, results[j]))
     for i in range(j - depth, j + 1):
         assert grad[segment_ids(i)].abs().sum() > 0, f"segment {i} should receive gradient from {j}"
     for i in range(0, j - depth):
@@ -160,7 +166,7 @@ def test_chunk_mode_restarts_the_depth_at_each_chunk():
     model = make_model(task)
     criterion = make_criterion(task, 1, "chunk")
     results, _ = criterion.unroll(model, distinct_segments(4), CarriedState(None))
-    grad = _embedding_grad_rows(model, criterion.segment_loss(model, results[2]))  # first of chunk 2
+    grad = _embedding_grad_rows(model, segment_loss(criterion, model, results[2]))  # first of chunk 2
     assert grad[segment_ids(2)].abs().sum() > 0
     assert torch.count_nonzero(grad[segment_ids(1)]) == 0
 
@@ -210,3 +216,120 @@ def test_chunk_mode_warns_when_chunks_straddle_batches(caplog):
     assert not caplog.records
     make_criterion(task, 1, "chunk")
     assert "--segments-per-sample is 3" in caplog.text
+
+
+# --------------------------------------------------------------------------- auxiliary memory loss
+def one_sample(num_segments, first_id=4):
+    tokens = torch.cat([t for t, _ in distinct_segments(num_segments, first_id=first_id)], dim=1)
+    return {"net_input": {"src_tokens": tokens}, "target": tokens.roll(-1, dims=1)}
+
+
+def memory_only_losses_by_hand(model, criterion, sample, carried_state):
+    """Run the segments in order; score each from its incoming memory with the cache hidden."""
+    state, losses = carried_state, []
+    for tokens, target in zip(sample["net_input"]["src_tokens"].split(SEG_LEN, dim=1),
+                              sample["target"].split(SEG_LEN, dim=1)):
+        memory_only = None if state is None else RMTState(state.memory, None)
+        losses.append(criterion.segment_loss(model, model(tokens, state=memory_only), target))
+        state = model(tokens, state=state)[1]["state"]
+    return losses
+
+
+def test_aux_memory_loss_is_the_memory_only_run_added_with_its_weight():
+    task = make_task(vocab_size=4 + 6 * SEG_LEN)
+    model = make_model(task, num_mem_tokens=2, mem_len=SEG_LEN)
+    plain = RMTLMCriterion(task, bptt_depth=2)
+    aux = RMTLMCriterion(task, bptt_depth=2, aux_memory_loss_weight=0.5)
+    _, _, _, carried = plain.forward_with_state(model, one_sample(3), None)
+    sample = one_sample(3, first_id=4 + 3 * SEG_LEN)
+
+    loss0, _, log0, _ = plain.forward_with_state(model, sample, carried)
+    loss, _, log, _ = aux.forward_with_state(model, sample, carried)
+    assert "aux_memory_loss" not in log0
+    assert torch.equal(log["loss"], log0["loss"])  # the logged LM loss is not changed by the aux term
+    assert torch.allclose(loss, loss0 + 0.5 * log["aux_memory_loss"])
+    by_hand = memory_only_losses_by_hand(model, plain, sample, carried.model_state)
+    assert torch.allclose(log["aux_memory_loss"], sum(by_hand), atol=1e-5)
+    assert abs(log["aux_memory_loss"] - log["loss"]) > 1e-4  # hiding the cache changes the prediction
+
+
+def test_aux_memory_loss_ignores_the_cache_and_follows_the_memory():
+    task = make_task(vocab_size=4 + 6 * SEG_LEN)
+    model = make_model(task, num_mem_tokens=2, mem_len=SEG_LEN)
+    criterion = RMTLMCriterion(task, bptt_depth=1, aux_memory_loss_weight=0.01)
+    _, _, _, carried = criterion.forward_with_state(model, one_sample(2), None)
+    sample = one_sample(1, first_id=4 + 2 * SEG_LEN)  # one segment: its inputs are the carried state
+    state = carried.model_state
+
+    def logged(memory, cache):
+        return criterion.forward_with_state(model, sample, CarriedState(RMTState(memory, cache)))[2]
+
+    base = logged(state.memory, state.cache)
+    other_cache = logged(state.memory, [c + torch.randn_like(c) for c in state.cache])
+    other_memory = logged(state.memory + torch.randn_like(state.memory), state.cache)
+    assert not torch.allclose(other_cache["loss"], base["loss"])
+    assert torch.equal(other_cache["aux_memory_loss"], base["aux_memory_loss"])
+    assert not torch.allclose(other_memory["aux_memory_loss"], base["aux_memory_loss"])
+
+
+@pytest.mark.parametrize("mode", ["chunk", "sliding"])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_aux_memory_loss_reaches_exactly_depth_segments_back(mode, depth):
+    task = make_task(vocab_size=4 + 8 * SEG_LEN)
+    model = make_model(task, num_mem_tokens=2, mem_len=SEG_LEN)
+    criterion = RMTLMCriterion(task, bptt_depth=depth, bptt_mode=mode, aux_memory_loss_weight=0.01)
+    segments = distinct_segments(2 * (depth + 1))
+    results, _ = criterion.unroll(model, segments, CarriedState(None))
+    j = len(segments) - 1
+    assert results[j].memory_only_output is not results[j].net_output  # a separate cache-free run
+    aux_loss = criterion.segment_loss(model, results[j].memory_only_output, results[j].target)
+    grad = _embedding_grad_rows(model, aux_loss)
+    for i in range(j - depth, j + 1):
+        assert grad[segment_ids(i)].abs().sum() > 0, f"segment {i} should receive gradient from {j}"
+    for i in range(0, j - depth):
+        assert torch.count_nonzero(grad[segment_ids(i)]) == 0, f"segment {i} is beyond depth {depth}"
+
+
+@pytest.mark.parametrize("weight", [-0.1, float("nan")])
+def test_aux_memory_loss_weight_must_be_non_negative(weight):
+    with pytest.raises(ValueError, match="--aux-memory-loss-weight must be >= 0"):
+        RMTLMCriterion(make_task(), aux_memory_loss_weight=weight)
+
+
+@pytest.mark.parametrize("num_mem_tokens, mem_len", [(2, 0), (0, SEG_LEN)])
+def test_aux_memory_loss_needs_memory_and_cache(num_mem_tokens, mem_len):
+    task = make_task()
+    model = make_model(task, num_mem_tokens=num_mem_tokens, mem_len=mem_len)
+    criterion = RMTLMCriterion(task, aux_memory_loss_weight=0.01)
+    with pytest.raises(ValueError, match=r"needs a Tr-XL \+ RMT model .*--mem-len"):
+        criterion.forward_with_state(model, one_sample(1), None)
+
+
+def test_aux_memory_loss_is_logged_separately_in_bits():
+    logs = [{"loss": torch.tensor(6.0), "aux_memory_loss": torch.tensor(9.0), "sample_size": 3},
+            {"loss": torch.tensor(2.0), "aux_memory_loss": torch.tensor(3.0), "sample_size": 1}]
+    with metrics.aggregate() as agg:
+        RMTLMCriterion.reduce_metrics(logs)
+    values = agg.get_smoothed_values()
+    assert values["loss"] == pytest.approx(round(8.0 / 4 / math.log(2), 3))
+    assert values["aux_memory_loss"] == pytest.approx(round(12.0 / 4 / math.log(2), 3))
+    with metrics.aggregate() as agg:
+        RMTLMCriterion.reduce_metrics([{"loss": torch.tensor(6.0), "sample_size": 3}])
+    assert "aux_memory_loss" not in agg.get_smoothed_values()
+
+
+def test_aux_memory_loss_costs_one_extra_forward_per_segment_with_a_cache():
+    task = make_task(vocab_size=4 + 6 * SEG_LEN)
+    model = make_model(task, num_mem_tokens=2, mem_len=SEG_LEN)
+    calls = []
+    model.decoder.register_forward_hook(lambda *_: calls.append(1))
+
+    def forwards(weight, carried):
+        calls.clear()
+        RMTLMCriterion(task, bptt_depth=2, aux_memory_loss_weight=weight).forward_with_state(
+            model, one_sample(3), carried)
+        return len(calls)
+
+    _, _, _, carried = RMTLMCriterion(task).forward_with_state(model, one_sample(3), None)
+    assert (forwards(0.0, carried), forwards(0.01, carried)) == (3, 6)
+    assert forwards(0.01, None) == 5  # a stream's first segment has no cache to hide

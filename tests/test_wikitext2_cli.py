@@ -1,8 +1,9 @@
 """End to end through the stock CLI on real WikiText-2: preprocess, train, evaluate.
 
-RMT, Transformer-XL and Tr-XL + RMT (tiny, adaptive softmax) each train a few hundred updates
-with `fairseq-train --user-dir rmt_plugin`; validation loss must fall, and `fairseq-eval-lm` on the
-checkpoint must print Loss (base 2) and Perplexity for every token it claims to score.
+RMT, Transformer-XL and Tr-XL + RMT (tiny, adaptive softmax; Tr-XL + RMT also with the auxiliary
+memory loss) each train a few hundred updates with `fairseq-train --user-dir rmt_plugin`;
+validation loss must fall, and `fairseq-eval-lm` on the checkpoint must print Loss (base 2) and
+Perplexity for every token it claims to score.
 """
 
 import json
@@ -21,6 +22,8 @@ VARIANTS = {
     "rmt": ["--arch", "rmt_tiny", "--num-mem-tokens", "4"],
     "transformer_xl": ["--arch", "transformer_xl_tiny", "--mem-len", str(SEG_LEN)],
     "rmt_xl": ["--arch", "rmt_xl_tiny", "--num-mem-tokens", "4", "--mem-len", str(SEG_LEN)],
+    "rmt_xl_aux": ["--arch", "rmt_xl_tiny", "--num-mem-tokens", "4", "--mem-len", str(SEG_LEN),
+                   "--aux-memory-loss-weight", "0.01"],
 }
 
 
@@ -38,9 +41,8 @@ def wikitext2_bin(shared_data, tmp_path_factory):
     return dest
 
 
-def valid_losses(log):
-    return [float(json.loads(line[line.index("{"):])["valid_loss"])
-            for line in log.splitlines() if '"valid_loss"' in line]
+def valid_logs(log):
+    return [json.loads(line[line.index("{"):]) for line in log.splitlines() if '"valid_loss"' in line]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -56,9 +58,14 @@ def test_train_lowers_valid_loss_and_eval_lm_reports_it(wikitext2_bin, tmp_path,
         "--no-epoch-checkpoints", "--save-dir", save_dir, "--log-format", "json", "--log-interval", "60",
         "--seed", "1", "--num-workers", "0",
     ], cwd=REPO)
-    losses = valid_losses(train_log)
+    logs = valid_logs(train_log)
+    losses = [float(log["valid_loss"]) for log in logs]
     assert len(losses) >= 4, train_log[-2000:]
     assert losses[-1] < losses[0] - 0.5, f"{variant}: validation loss did not fall: {losses}"
+    with_aux = "--aux-memory-loss-weight" in VARIANTS[variant]
+    assert all(("valid_aux_memory_loss" in log) == with_aux for log in logs)
+    if with_aux:  # the memory alone predicts worse than memory + cache
+        assert all(float(log["valid_aux_memory_loss"]) > float(log["valid_loss"]) for log in logs)
 
     eval_log = run([
         BIN / "fairseq-eval-lm", wikitext2_bin, "--path", save_dir / "checkpoint_last.pt",
