@@ -91,6 +91,22 @@ class SegmentResult(NamedTuple):
     memory_only_output: Optional[tuple] = None  # the auxiliary run: same memory, no cache
 
 
+class ChecksCriterionAgainstModel:
+    """Task mixin: fairseq builds the model, then the criterion; check that they fit together
+    there, before any batch runs (an error inside a training step leaves a crash.pt behind)."""
+
+    def build_model(self, cfg, from_checkpoint=False):
+        self._model_cfg = cfg
+        return super().build_model(cfg, from_checkpoint)
+
+    def build_criterion(self, cfg):
+        criterion = super().build_criterion(cfg)
+        model_cfg = getattr(self, "_model_cfg", None)
+        if model_cfg is not None and isinstance(criterion, RMTLMCriterion):
+            criterion.check_model(getattr(model_cfg, "num_mem_tokens", 0), getattr(model_cfg, "mem_len", 0))
+        return criterion
+
+
 @register_criterion("rmt_lm", dataclass=RMTLMCriterionConfig)
 class RMTLMCriterion(FairseqCriterion):
     def __init__(self, task, bptt_depth=1, bptt_mode="chunk", report_accuracy=False, aux_memory_loss_weight=0.0):
@@ -119,7 +135,7 @@ class RMTLMCriterion(FairseqCriterion):
 
     def forward_with_state(self, model, sample, carried: Optional[CarriedState]):
         """Unroll the batch's segments from ``carried``; returns fairseq's triple + the next state."""
-        self.check_model(model)
+        self.check_model(model.decoder.num_mem_tokens, model.decoder.mem_len)
         tokens = sample["net_input"]["src_tokens"]
         segments = [(t.contiguous(), y.contiguous()) for t, y in zip(
             tokens.split(self.segment_length, dim=1), sample["target"].split(self.segment_length, dim=1))]
@@ -144,12 +160,12 @@ class RMTLMCriterion(FairseqCriterion):
             logging_output.update(self.accuracy_counts(model, results))
         return loss, sample_size, logging_output, carried
 
-    def check_model(self, model):
-        decoder = model.decoder
-        if self.aux_memory_loss_weight > 0 and not (decoder.num_mem_tokens > 0 and decoder.mem_len > 0):
+    def check_model(self, num_mem_tokens: int, mem_len: int):
+        """One-line error for flags that do not fit the model."""
+        if self.aux_memory_loss_weight > 0 and not (num_mem_tokens > 0 and mem_len > 0):
             raise ValueError(
                 "--aux-memory-loss-weight needs a Tr-XL + RMT model (--num-mem-tokens > 0 and --mem-len > 0), "
-                f"got --num-mem-tokens {decoder.num_mem_tokens} --mem-len {decoder.mem_len}"
+                f"got --num-mem-tokens {num_mem_tokens} --mem-len {mem_len}"
             )
 
     # ------------------------------------------------------------------ the BPTT schedule

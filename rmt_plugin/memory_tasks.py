@@ -22,6 +22,8 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import open_dict
 
+from .criterion import ChecksCriterionAgainstModel
+
 MEMORY_TASKS = {}
 SEPARATOR = "<sep>"
 
@@ -291,7 +293,7 @@ class MemoryTaskDataset(FairseqDataset):
 
 
 @register_task("rmt_memory", dataclass=MemoryTaskConfig)
-class RMTMemoryTask(FairseqTask):
+class RMTMemoryTask(ChecksCriterionAgainstModel, FairseqTask):
     """Generated memory-task examples (see the module docstring), read segment by segment."""
 
     def __init__(self, cfg, memory_task, dictionary):

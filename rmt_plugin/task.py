@@ -38,6 +38,8 @@ from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
+from .criterion import ChecksCriterionAgainstModel
+
 logger = logging.getLogger(__name__)
 
 
@@ -165,7 +167,7 @@ class _Cursor(NamedTuple):
 
 
 @register_task("rmt_lm", dataclass=RMTLMConfig)
-class RMTLMTask(FairseqTask):
+class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
     def __init__(self, cfg: RMTLMConfig):
         super().__init__(cfg)
         _check_positive(cfg.tokens_per_sample, "--tokens-per-sample")

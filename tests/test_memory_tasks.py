@@ -261,6 +261,14 @@ def test_task_switches_on_exact_match_and_accuracy():
     assert criterion.report_accuracy
 
 
+def test_aux_memory_loss_is_checked_against_the_arch_when_the_criterion_is_built():
+    flags = ("--task", "rmt_memory", "--criterion", "rmt_lm", "--aux-memory-loss-weight", "0.01")
+    with pytest.raises(ValueError, match="--aux-memory-loss-weight needs a Tr-XL"):
+        build(*flags, "--arch", "rmt_tiny")  # no cache
+    _, _, criterion = build(*flags, "--arch", "rmt_xl_tiny")  # memory and cache from the arch defaults
+    assert criterion.aux_memory_loss_weight == 0.01
+
+
 def test_memory_resets_between_examples():
     task, model, criterion = build(
         "--task", "rmt_memory", "--memory-task", "copy", "--source-len", "6", "--copy-repeats", "1",

@@ -14,6 +14,8 @@ from fairseq import utils
 from fairseq.data import Dictionary, indexed_dataset, iterators
 from omegaconf import OmegaConf
 
+from rmt_plugin.criterion import RMTLMCriterionConfig
+from rmt_plugin.model import RMTConfig
 from rmt_plugin.task import RMTLMConfig, RMTLMTask, StreamHandle
 
 VOCAB = 300
@@ -363,3 +365,21 @@ def test_train_and_eval_lm_through_the_cli(tmp_path):
     test_tokens = sum(len(line.split()) + 1 for line in open(tmp_path / "test.txt"))
     evaluated = int(re.search(r"Evaluated ([\d,]+) tokens", out).group(1).replace(",", ""))
     assert evaluated == 2 * (test_tokens // 2)
+
+
+@pytest.mark.parametrize("num_mem_tokens, mem_len, fits", [(2, 4, True), (2, 0, False), (0, 4, False)])
+def test_aux_memory_loss_is_checked_against_the_model_before_any_batch(data, num_mem_tokens, mem_len, fits):
+    # fairseq-train builds the model, then the criterion; a failure in the first training step
+    # would already leave a crash.pt checkpoint behind
+    task = make_task(data[0])
+    model_cfg = OmegaConf.structured(RMTConfig(n_layer=1, d_model=8, n_head=2, d_head=4, d_inner=16,
+                                               num_mem_tokens=num_mem_tokens, mem_len=mem_len))
+    model_cfg._name = "rmt"
+    task.build_model(model_cfg)
+    criterion_cfg = OmegaConf.structured(RMTLMCriterionConfig(aux_memory_loss_weight=0.01))
+    criterion_cfg._name = "rmt_lm"
+    if fits:
+        assert task.build_criterion(criterion_cfg).aux_memory_loss_weight == 0.01
+    else:
+        with pytest.raises(ValueError, match="--aux-memory-loss-weight needs a Tr-XL"):
+            task.build_criterion(criterion_cfg)
