@@ -49,6 +49,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from torch import Tensor
 
+from . import diagnostics
 from .model import RMTState
 
 logger = logging.getLogger(__name__)
@@ -250,6 +251,7 @@ class RMTLMCriterion(FairseqCriterion):
         if total("n_rows") > 0:
             metrics.log_scalar("accuracy", total("n_correct") / max(sample_size, 1), sample_size, round=4)
             metrics.log_scalar("exact_match", total("n_exact") / total("n_rows"), total("n_rows"), round=4)
+        diagnostics.reduce_metrics(logging_outputs)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

@@ -189,14 +189,19 @@ class RMTDecoder(FairseqDecoder):
         self._plans = {}
 
     # ----------------------------------------------------------------- forward
-    def forward(self, src_tokens, src_lengths=None, state: Optional[RMTState] = None, stream=None, **unused):
-        """Process one segment. ``stream`` (from fairseq-eval-lm) carries the state between calls."""
+    def forward(self, src_tokens, src_lengths=None, state: Optional[RMTState] = None, stream=None,
+                target=None, **unused):
+        """Process one segment. ``stream`` (from fairseq-eval-lm) carries the state between calls
+        (and, with its diagnostics on, gets the segment's ``target`` to score them against)."""
         if stream is not None:
             state = stream.state
         features, next_state = self.extract_features(src_tokens, state)
+        output = self.output_layer(features), {"state": next_state}
         if stream is not None:
             stream.state = next_state.detach()
-        return self.output_layer(features), {"state": next_state}
+            if stream.diagnostics is not None:
+                stream.diagnostics.observe(self, src_tokens, target, state, output)
+        return output
 
     def extract_features(self, src_tokens: Tensor, state: Optional[RMTState] = None):
         bsz, seg_len = src_tokens.shape

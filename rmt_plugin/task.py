@@ -39,6 +39,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from .criterion import ChecksCriterionAgainstModel
+from .diagnostics import StreamDiagnostics, diagnose_batch
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,17 @@ class RMTLMConfig(FairseqDataclass):
         metadata={"help": "K consecutive segments per batch row (batches are B x K*T) for the "
                   "criterion to unroll; fairseq-eval-lm always feeds one segment per batch"},
     )
+    memory_diagnostics: bool = field(
+        default=False,
+        metadata={"help": "validation and fairseq-eval-lm also score every segment with the memory "
+                  "reset and with the cache reset, and log memory_gain / cache_gain and the loss by "
+                  "segment index since the stream start (bits per token; see diagnostics.py)"},
+    )
+    memory_diagnostics_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "fairseq-eval-lm with --memory-diagnostics: also write them, with the loss "
+                  "by position within the segment, to this JSON file"},
+    )
     # Only read to fail early: the number of streams is the iterator's batch size.
     batch_size: Optional[int] = II("dataset.batch_size")
 
@@ -65,13 +77,15 @@ class RMTLMConfig(FairseqDataclass):
 class StreamHandle:
     """The memory of one ``fairseq-eval-lm`` pass, shared by all of its batches.
 
-    The model reads ``state`` (None = fresh memory) and writes back its detached next state.
+    The model reads ``state`` (None = fresh memory) and writes back its detached next state;
+    with ``--memory-diagnostics`` it also hands every segment to ``diagnostics``.
     A plain object on purpose: fairseq's ``move_to_cuda`` passes it through unchanged, where
     dicts, lists and tuples would be copied.
     """
 
-    def __init__(self):
+    def __init__(self, diagnostics: Optional[StreamDiagnostics] = None):
         self.state = None
+        self.diagnostics = diagnostics
 
 
 class TokenStream(FairseqDataset):
@@ -151,6 +165,8 @@ class StreamBatches(FairseqDataset):
         net_input = {"src_tokens": sources}
         if self.handle is not None:
             net_input["stream"] = self.handle
+            if self.handle.diagnostics is not None:
+                net_input["target"] = targets  # the model scores the reset runs against it
         return {
             "id": self.row_ids.clone(),
             "nsentences": sources.size(0),
@@ -233,10 +249,12 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
                              "the context; size it with --model-overrides (e.g. "
                              "\"{'mem_len': 512}\") instead")
         _check_batch_size(batch_size)
+        handle = StreamHandle()
         batches = StreamBatches(
-            dataset, batch_size, num_shards, shard_id,
-            width=self.cfg.tokens_per_sample, handle=StreamHandle(),
+            dataset, batch_size, num_shards, shard_id, width=self.cfg.tokens_per_sample, handle=handle,
         )
+        if self.cfg.memory_diagnostics:
+            handle.diagnostics = StreamDiagnostics(dataset.split, len(batches), self.cfg.memory_diagnostics_file)
         # num_workers=0: a worker process would hand back a pickled copy of the handle with
         # every batch, and the memory would never get from one batch to the next.
         return self._iterator(batches, 0, 1, data_buffer_size).next_epoch_itr(shuffle=False)
@@ -263,10 +281,14 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
 
     def valid_step(self, sample, model, criterion):
         model.eval()
+        state = self._resume("valid", sample)
         with torch.no_grad():
-            loss, sample_size, logging_output, next_state = criterion.forward_with_state(
-                model, sample, self._resume("valid", sample)
-            )
+            loss, sample_size, logging_output, next_state = criterion.forward_with_state(model, sample, state)
+            if self.cfg.memory_diagnostics:
+                logging_output.update(diagnose_batch(
+                    model, sample, state.model_state if state is not None else None,
+                    self.cfg.tokens_per_sample, self.cfg.segments_per_sample,
+                ))
         self._remember("valid", sample, next_state)
         return loss, sample_size, logging_output
 
