@@ -68,6 +68,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "transformers==4.35.2", "tokenizers==0.15.2"],
+        "plots": ["matplotlib"],
+        "test": ["pytest", "transformers==4.35.2", "tokenizers==0.15.2", "matplotlib"],
     },
 )

@@ -1,0 +1,82 @@
+"""Plot memory diagnostics written by ``fairseq-eval-lm --memory-diagnostics --memory-diagnostics-file``.
+
+    python scripts/plot_memory_diagnostics.py rmt.json:RMT txl.json:Transformer-XL --out diag.png
+
+One figure, three panels, every model in its own colour:
+  1. loss by segment index since the stream start (memory that helps makes it fall after 0);
+  2. loss by position within the segment, carried (solid) and with the memory / the cache reset
+     at every segment (dashed / dotted): what the state buys is the gap, largest at the first
+     positions of a segment;
+  3. memory gain and cache gain (bits per token).
+"""
+
+import argparse
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESET_STYLES = {"carried": "-", "memory_reset": "--", "cache_reset": ":"}
+RESET_NAMES = {"carried": "carried", "memory_reset": "memory reset", "cache_reset": "cache reset"}
+
+
+def load(spec):
+    path, _, label = spec.partition(":")
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"plot_memory_diagnostics: cannot read {path}: {e}")
+    if "loss_by_segment" not in report:
+        sys.exit(f"plot_memory_diagnostics: {path} is not a --memory-diagnostics-file report")
+    return label or path, report
+
+
+def plot(reports, out, title=None):
+    fig, (by_segment, by_position, gains) = plt.subplots(1, 3, figsize=(16, 4.6))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, report) in enumerate(reports):
+        colour = colours[i % len(colours)]
+        buckets = list(report["loss_by_segment"])
+        by_segment.plot(range(len(buckets)), list(report["loss_by_segment"].values()), "o-", color=colour,
+                        label=label)
+        by_segment.set_xticks(range(len(buckets)), buckets)
+        for variant, losses in report["loss_by_position"].items():
+            by_position.plot(range(len(losses)), losses, RESET_STYLES[variant], color=colour,
+                             label=f"{label}, {RESET_NAMES[variant]}")
+    by_segment.set(xlabel="segment index since the stream start", ylabel="loss (bits/token)",
+                   title="loss by segment index")
+    by_segment.legend()
+    by_position.set(xlabel="position within the segment", ylabel="loss (bits/token)",
+                    title="loss by position: carried vs reset every segment")
+    by_position.legend(fontsize=7)
+    names = [label for label, _ in reports]
+    width = 0.38
+    for offset, gain in ((-width / 2, "memory_gain"), (width / 2, "cache_gain")):
+        values = [report.get(gain, 0.0) for _, report in reports]
+        bars = gains.bar([k + offset for k in range(len(names))], values, width, label=gain.replace("_", " "))
+        gains.bar_label(bars, fmt="%.3f", fontsize=8)
+    gains.set_xticks(range(len(names)), names, rotation=15)
+    gains.set(ylabel="bits/token", title="loss saved by carrying the memory / the cache")
+    gains.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("reports", nargs="+", help="diagnostics JSON files, each optionally :LABEL")
+    parser.add_argument("--out", required=True, help="PNG to write")
+    parser.add_argument("--title", default=None)
+    args = parser.parse_args(argv)
+    plot([load(spec) for spec in args.reports], args.out, args.title)
+
+
+if __name__ == "__main__":
+    main()
