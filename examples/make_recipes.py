@@ -24,7 +24,7 @@ EXAMPLES = Path(__file__).resolve().parent
 DATASETS = ("wikitext103", "enwik8")
 FLAG_SECTIONS = ("task", "criterion", "optimizer", "lr_scheduler", "optimization")
 # On the command line the named --arch gives the backbone and these are spelled out in every row.
-MEMORY_FIELDS = ("num_mem_tokens", "memory_layout", "mem_len")
+MEMORY_FIELDS = ("num_mem_tokens", "memory_layout", "mem_len", "memory_target_token")
 # Logistics (not the paper's): validate and keep the best checkpoint every 4000 updates.
 VALIDATE_EVERY = 4000
 LOG_INTERVAL = 200

@@ -26,7 +26,7 @@ rmt-prepare-wikitext --input "$RAW" --dataset wikitext-103 --destdir "$DATA"
 # 2. train
 fairseq-train "$DATA" \
   --user-dir rmt_plugin --task rmt_lm --tokens-per-sample 150 --segments-per-sample 1 \
-  --arch rmt_xl_wt103_base --num-mem-tokens 10 --memory-layout rmt --mem-len 150 \
+  --arch rmt_xl_wt103_base --num-mem-tokens 10 --memory-layout rmt --mem-len 150 --memory-target-token \
   --criterion rmt_lm --bptt-depth 1 --bptt-mode sliding --memory-token-loss-weight 0.01 \
   --optimizer adam --adam-betas '(0.9, 0.999)' --adam-eps 1e-08 --weight-decay 0.0 \
   --lr-scheduler cosine --warmup-updates 0 \
