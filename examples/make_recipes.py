@@ -130,6 +130,9 @@ def render_script(dataset, table, name, row):
         "# " + GENERATED.format(dir=dataset),
         f"# The model is the paper's: --arch {row['arch']} sets every architecture value explicitly,",
         "# so a change of the plugin's defaults does not change this recipe.",
+        f"# Evaluations ({table['eval_metric']} of fairseq-eval-lm): " + "; ".join(
+            f"{spec.get('title', 'the paper', )} {row['paper'] if key == 'paper' else spec['paper']}"
+            for key, spec in row["evals"].items()) + ".",
         "#",
         f"# Usage: RAW=path/to/{table['raw']} bash examples/{dataset}/{name}.sh [extra fairseq-train flags]",
         f"#   GPUS  GPUs on this node (default {gpus}): the paper's {batch} streams per update are",
@@ -138,6 +141,10 @@ def render_script(dataset, table, name, row):
         f"#   DATA  data-bin (default {table['data']}); SAVE  checkpoints (default checkpoints/{dataset}/{name})",
         f"# Hydra: fairseq-hydra-train --config-dir examples/{dataset}/configs --config-name {name} task.data=DATA",
         "set -euo pipefail",
+        'if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then',
+        '  sed -n "2,/^set -euo/{/^#/s/^# \\{0,1\\}//p}" "$0"',
+        "  exit 0",
+        "fi",
         f"RAW=${{RAW:-{table['raw']}}}",
         f"DATA=${{DATA:-{table['data']}}}",
         f"SAVE=${{SAVE:-checkpoints/{dataset}/{name}}}",

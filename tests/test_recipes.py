@@ -232,3 +232,14 @@ def test_a_script_and_its_hydra_config_run_through_the_real_commands(prepared, t
     log = run_ok([BIN / "fairseq-hydra-train", "--config-dir", EXAMPLES / dataset / "configs", "--config-name", name,
                   *hydra_overrides], cwd=tmp_path)
     assert (tmp_path / "hydra" / "checkpoint_best.pt").is_file(), log[-2000:]
+
+
+@pytest.mark.parametrize("dataset, name", ALL_ROWS)
+def test_script_help_names_the_papers_numbers_and_runs_nothing(dataset, name, tmp_path):
+    proc = subprocess.run(["bash", EXAMPLES / dataset / f"{name}.sh", "--help"], capture_output=True, text=True,
+                          cwd=tmp_path, env=dict(os.environ, PATH="/usr/bin:/bin"))  # no fairseq to run
+    assert proc.returncode == 0, proc.stderr
+    paper = ROWS[dataset][name]
+    for number in [paper["paper"]] + [number for number, _ in paper["evals"].values()]:
+        assert number in proc.stdout
+    assert f"--arch {table(dataset)['rows'][name]['arch']}" in proc.stdout

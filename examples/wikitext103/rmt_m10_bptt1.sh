@@ -3,6 +3,7 @@
 # Rendered from examples/wikitext103/recipes.yaml by examples/make_recipes.py: edit the table, not this file.
 # The model is the paper's: --arch rmt_wt103_base sets every architecture value explicitly,
 # so a change of the plugin's defaults does not change this recipe.
+# Evaluations (Perplexity of fairseq-eval-lm): the paper 25.92.
 #
 # Usage: RAW=path/to/wikitext-103 bash examples/wikitext103/rmt_m10_bptt1.sh [extra fairseq-train flags]
 #   GPUS  GPUs on this node (default 4): the paper's 60 streams per update are
@@ -11,6 +12,10 @@
 #   DATA  data-bin (default data-bin/wikitext-103); SAVE  checkpoints (default checkpoints/wikitext103/rmt_m10_bptt1)
 # Hydra: fairseq-hydra-train --config-dir examples/wikitext103/configs --config-name rmt_m10_bptt1 task.data=DATA
 set -euo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n "2,/^set -euo/{/^#/s/^# \{0,1\}//p}" "$0"
+  exit 0
+fi
 RAW=${RAW:-wikitext-103}
 DATA=${DATA:-data-bin/wikitext-103}
 SAVE=${SAVE:-checkpoints/wikitext103/rmt_m10_bptt1}
