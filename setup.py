@@ -58,11 +58,20 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.8",
-    packages=find_packages(include=["rmt_plugin", "rmt_plugin.*"]),
+    packages=find_packages(include=["rmt_plugin", "rmt_plugin.*", "rmt_data", "rmt_data.*"]),
     py_modules=["rmt_compat"],
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},
+    entry_points={
+        "console_scripts": [
+            "rmt-prepare-enwik8 = rmt_data.enwik8:cli",
+            "rmt-prepare-wikitext = rmt_data.wikitext:cli",
+        ],
+    },
     install_requires=[
         "fairseq==0.12.2",
+        # fairseq's --tensorboard-logdir writes through tensorboardX (without it: "Please install
+        # tensorboardX" and no events)
+        "tensorboardX",
         # any torch fairseq runs on; install scripts pin torch==2.13.0 first (CPU wheel)
         "torch>=2.0",
         "numpy",

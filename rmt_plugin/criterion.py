@@ -27,15 +27,30 @@ The paper's code restarts that re-run from the newest, already detached memory (
 an attribute of the tensor instead of its data), which cuts the gradient; we restart from the
 memory of k segments back, as the method describes.
 
-Auxiliary memory loss (``--aux-memory-loss-weight w``, Tr-XL + RMT only). With a cache, the
-model can predict a segment from the cache alone and leave the memory tokens unused. The
-auxiliary loss is the LM loss of the same segment run a second time from the same memory but
+Memory-only loss (``--memory-only-loss-weight w``, Tr-XL + RMT only; ours, not the paper's).
+With a cache, the model can predict a segment from the cache alone and leave the memory tokens
+unused. This loss is the LM loss of the same segment run a second time from the same memory but
 with the cache hidden, so only the memory carries the past; the optimised loss is
-``lm + w * aux``. It back-propagates through the memory under the same BPTT schedule as the LM
-loss. It costs one more forward and backward per segment that has a cache. The paper reports
-w = 0.01; its code was not available to us, so this definition is ours (see the README).
-``loss``, ``ppl`` and checkpoint selection stay on the LM loss alone; ``aux_memory_loss`` is
-logged beside them, in base 2 per target token.
+``lm + w * memory_only``. It back-propagates through the memory under the same BPTT schedule as
+the LM loss and costs one more forward and backward per segment that has a cache.
+
+Memory-token loss (``--memory-token-loss-weight w``; the paper uses 0.01 for Tr-XL + RMT). The
+paper's auxiliary loss (its appendix; its released code does not contain it): a new special token
+is added to the vocabulary, and the memory tokens must predict it. Which outputs: those at the
+*write* positions (``[read; segment; write]``; for MemTr the memory positions), i.e. exactly the
+vectors the model hands on as the next segment's memory, through the LM head (the tied output
+embedding and bias, or the adaptive softmax). The read positions' outputs are discarded by the
+model, so a loss on them would train outputs nobody uses. The target is the model's extra output
+symbol ``<mem>`` (``--memory-target-token``, see ``rmt_plugin/model.py``): it is appended after the
+task dictionary by the model, so every token id of a data-bin keeps its meaning. Per segment the
+loss is the mean cross-entropy over its B x m memory outputs, times the segment's target count,
+so that after fairseq divides by the tokens the optimised loss is ``lm_mean + w * memory_mean``,
+as in the paper. Example, m=2, one segment of 3 targets, memory outputs giving p(<mem>) = 0.5
+and 0.25: memory_token = 3 * (ln 2 + ln 4) / 2. Its gradient reaches the segment that wrote the
+memory and, through that segment's read memory, the previous segments allowed by the BPTT depth.
+
+``loss``, ``ppl`` and checkpoint selection stay on the LM loss alone; ``memory_only_loss`` and
+``memory_token_loss`` are logged beside them, in base 2 per target token.
 """
 
 import logging
@@ -72,10 +87,15 @@ class RMTLMCriterionConfig(FairseqDataclass):
     report_accuracy: bool = field(
         default=False, metadata={"help": "log per-token accuracy and exact match (whole row correct)"}
     )
-    aux_memory_loss_weight: float = field(
+    memory_only_loss_weight: float = field(
         default=0.0,
         metadata={"help": "Tr-XL + RMT: add this weight times the LM loss of each segment re-run from "
-                          "the memory alone, without the cache (the paper used 0.01; 0: off)"},
+                          "the memory alone, without the cache (ours, not the paper's; 0: off)"},
+    )
+    memory_token_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "the paper's auxiliary loss (0.01 for Tr-XL + RMT): the memory outputs must "
+                          "predict the special token <mem> (needs --memory-target-token; 0: off)"},
     )
 
 
@@ -89,7 +109,7 @@ class CarriedState(NamedTuple):
 class SegmentResult(NamedTuple):
     net_output: tuple
     target: Tensor
-    memory_only_output: Optional[tuple] = None  # the auxiliary run: same memory, no cache
+    memory_only_output: Optional[tuple] = None  # the memory-only run: same memory, no cache
 
 
 class ChecksCriterionAgainstModel:
@@ -104,19 +124,24 @@ class ChecksCriterionAgainstModel:
         criterion = super().build_criterion(cfg)
         model_cfg = getattr(self, "_model_cfg", None)
         if model_cfg is not None and isinstance(criterion, RMTLMCriterion):
-            criterion.check_model(getattr(model_cfg, "num_mem_tokens", 0), getattr(model_cfg, "mem_len", 0))
+            criterion.check_model(getattr(model_cfg, "num_mem_tokens", 0), getattr(model_cfg, "mem_len", 0),
+                                  getattr(model_cfg, "memory_target_token", False))
         return criterion
 
 
 @register_criterion("rmt_lm", dataclass=RMTLMCriterionConfig)
 class RMTLMCriterion(FairseqCriterion):
-    def __init__(self, task, bptt_depth=1, bptt_mode="chunk", report_accuracy=False, aux_memory_loss_weight=0.0):
+    def __init__(self, task, bptt_depth=1, bptt_mode="chunk", report_accuracy=False, memory_only_loss_weight=0.0,
+                 memory_token_loss_weight=0.0):
         super().__init__(task)
         if bptt_depth < 0:
             raise ValueError(f"--bptt-depth must be >= 0, got {bptt_depth}")
-        if not aux_memory_loss_weight >= 0:  # also rejects NaN
-            raise ValueError(f"--aux-memory-loss-weight must be >= 0, got {aux_memory_loss_weight}")
-        self.aux_memory_loss_weight = aux_memory_loss_weight
+        for flag, weight in (("--memory-only-loss-weight", memory_only_loss_weight),
+                             ("--memory-token-loss-weight", memory_token_loss_weight)):
+            if not weight >= 0:  # also rejects NaN
+                raise ValueError(f"{flag} must be >= 0, got {weight}")
+        self.memory_only_loss_weight = memory_only_loss_weight
+        self.memory_token_loss_weight = memory_token_loss_weight
         self.bptt_depth = bptt_depth
         self.bptt_mode = bptt_mode
         self.report_accuracy = report_accuracy
@@ -136,7 +161,8 @@ class RMTLMCriterion(FairseqCriterion):
 
     def forward_with_state(self, model, sample, carried: Optional[CarriedState]):
         """Unroll the batch's segments from ``carried``; returns fairseq's triple + the next state."""
-        self.check_model(model.decoder.num_mem_tokens, model.decoder.mem_len)
+        self.check_model(model.decoder.num_mem_tokens, model.decoder.mem_len,
+                         model.decoder.memory_target is not None)
         tokens = sample["net_input"]["src_tokens"]
         segments = [(t.contiguous(), y.contiguous()) for t, y in zip(
             tokens.split(self.segment_length, dim=1), sample["target"].split(self.segment_length, dim=1))]
@@ -149,10 +175,14 @@ class RMTLMCriterion(FairseqCriterion):
             "nsentences": tokens.size(0),
             "sample_size": sample_size,
         }
-        if self.aux_memory_loss_weight > 0:
-            aux_loss = sum(self.segment_loss(model, r.memory_only_output, r.target) for r in results)
-            logging_output["aux_memory_loss"] = aux_loss.data
-            loss = loss + self.aux_memory_loss_weight * aux_loss
+        if self.memory_only_loss_weight > 0:
+            memory_only_loss = sum(self.segment_loss(model, r.memory_only_output, r.target) for r in results)
+            logging_output["memory_only_loss"] = memory_only_loss.data
+            loss = loss + self.memory_only_loss_weight * memory_only_loss
+        if self.memory_token_loss_weight > 0:
+            memory_token_loss = sum(self.memory_token_loss(model, r.net_output, r.target) for r in results)
+            logging_output["memory_token_loss"] = memory_token_loss.data
+            loss = loss + self.memory_token_loss_weight * memory_token_loss
         memory = carried.model_state.memory if carried.model_state is not None else None
         if memory is not None:
             logging_output["mem_norm"] = memory.float().norm(dim=-1).mean().item()
@@ -161,12 +191,18 @@ class RMTLMCriterion(FairseqCriterion):
             logging_output.update(self.accuracy_counts(model, results))
         return loss, sample_size, logging_output, carried
 
-    def check_model(self, num_mem_tokens: int, mem_len: int):
+    def check_model(self, num_mem_tokens: int, mem_len: int, memory_target_token: bool):
         """One-line error for flags that do not fit the model."""
-        if self.aux_memory_loss_weight > 0 and not (num_mem_tokens > 0 and mem_len > 0):
+        if self.memory_only_loss_weight > 0 and not (num_mem_tokens > 0 and mem_len > 0):
             raise ValueError(
-                "--aux-memory-loss-weight needs a Tr-XL + RMT model (--num-mem-tokens > 0 and --mem-len > 0), "
+                "--memory-only-loss-weight needs a Tr-XL + RMT model (--num-mem-tokens > 0 and --mem-len > 0), "
                 f"got --num-mem-tokens {num_mem_tokens} --mem-len {mem_len}"
+            )
+        if self.memory_token_loss_weight > 0 and not (num_mem_tokens > 0 and memory_target_token):
+            raise ValueError(
+                "--memory-token-loss-weight needs memory tokens and their target symbol (--num-mem-tokens > 0 "
+                f"and --memory-target-token), got --num-mem-tokens {num_mem_tokens}"
+                f"{' --memory-target-token' if memory_target_token else ' without --memory-target-token'}"
             )
 
     # ------------------------------------------------------------------ the BPTT schedule
@@ -201,9 +237,9 @@ class RMTLMCriterion(FairseqCriterion):
         return results, CarriedState(state, tuple(history))
 
     def run_segment(self, model, tokens, target, state: Optional[RMTState]) -> SegmentResult:
-        """The segment's forward, plus the memory-only run when the auxiliary loss is on."""
+        """The segment's forward, plus the memory-only run when --memory-only-loss-weight is on."""
         net_output = model(tokens, state=state)
-        if self.aux_memory_loss_weight <= 0:
+        if self.memory_only_loss_weight <= 0:
             return SegmentResult(net_output, target)
         if state is None or not state.cache:  # nothing to hide: the run itself is memory-only
             return SegmentResult(net_output, target, net_output)
@@ -222,6 +258,14 @@ class RMTLMCriterion(FairseqCriterion):
         lprobs = model.get_normalized_probs(net_output, log_probs=True)
         return F.nll_loss(lprobs.view(-1, lprobs.size(-1)), target.reshape(-1),
                           ignore_index=self.padding_idx, reduction="sum")
+
+    def memory_token_loss(self, model, net_output, target: Tensor) -> Tensor:
+        """The paper's auxiliary loss for one segment (module docstring): mean cross-entropy of the
+        write outputs against ``<mem>``, scaled to the segment's target count."""
+        memory = net_output[1]["state"].memory  # [B, m, d]: the write positions' final outputs
+        memory_target = memory.new_full(memory.shape[:2], model.decoder.memory_target, dtype=target.dtype)
+        mean = self.segment_loss(model, (model.decoder.output_layer(memory), None), memory_target) / memory_target.numel()
+        return mean * target.ne(self.padding_idx).sum()
 
     def accuracy_counts(self, model, results):
         if getattr(model.decoder, "adaptive_softmax", None) is not None:
@@ -242,9 +286,10 @@ class RMTLMCriterion(FairseqCriterion):
         loss_sum, sample_size = total("loss"), total("sample_size")
         metrics.log_scalar("loss", loss_sum / max(sample_size, 1) / math.log(2), sample_size, round=3)
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["loss"].avg))
-        if any("aux_memory_loss" in log for log in logging_outputs):
-            metrics.log_scalar("aux_memory_loss", total("aux_memory_loss") / max(sample_size, 1) / math.log(2),
-                               sample_size, round=3)
+        for extra_loss in ("memory_only_loss", "memory_token_loss"):
+            if any(extra_loss in log for log in logging_outputs):
+                metrics.log_scalar(extra_loss, total(extra_loss) / max(sample_size, 1) / math.log(2), sample_size,
+                                   round=3)
         if total("mem_batches") > 0:
             metrics.log_scalar("mem_norm", total("mem_norm") / total("mem_batches"), total("mem_batches"),
                                round=3)

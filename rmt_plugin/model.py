@@ -96,6 +96,11 @@ class RMTConfig(FairseqDataclass):
         default=1.0, metadata={"help": "adaptive input/softmax: each cluster's dimension is divided by this"}
     )
     tie_weights: bool = field(default=True, metadata={"help": "tie input embeddings and output weights"})
+    memory_target_token: bool = field(
+        default=False,
+        metadata={"help": "append the special token <mem> after the dictionary, the target of the paper's "
+                          "--memory-token-loss-weight (data-bins stay valid: no token id changes)"},
+    )
 
 
 @register_model("rmt", dataclass=RMTConfig)
@@ -164,7 +169,10 @@ class RMTDecoder(FairseqDecoder):
         self.embed_scale = math.sqrt(cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
         cutoffs = parse_cutoffs(cfg.adaptive_softmax_cutoff)
-        vocab = len(dictionary)
+        # <mem> is a model symbol appended after the task's dictionary (rather than added to it), so
+        # a data-bin's ids are untouched; only the embedding and output layer get one more row.
+        self.memory_target = len(dictionary) if cfg.memory_target_token else None
+        vocab = len(dictionary) + cfg.memory_target_token
         if cutoffs:
             self.embed_tokens = AdaptiveInput(
                 vocab, self.padding_idx, cfg.d_model, cfg.div_val, cfg.d_model, list(cutoffs)
@@ -399,14 +407,55 @@ def _set_defaults(cfg, **defaults):
             setattr(cfg, name, value)
 
 
-def _wt103_base(cfg):
-    # Transformer-XL base on WikiText-103 (Dai et al. 2019; RMT paper, same backbone).
-    _set_defaults(cfg, n_layer=16, d_model=410, n_head=10, d_head=41, d_inner=2100, dropout=0.1,
-                  dropatt=0.0, adaptive_softmax_cutoff="20000,40000,200000", div_val=1.0)
+# The RMT paper's backbones (Transformer-XL base, Dai et al. 2019). A paper architecture sets every
+# RMTConfig value itself, defaults included, so that a later change of a default cannot change a
+# paper recipe; tests/test_architectures.py checks that no field is left to the default.
+PAPER_COMMON = dict(dropout=0.1, dropatt=0.0, pre_lnorm=False, init_std=0.02, tie_weights=True,
+                    same_length=False, clamp_len=-1, memory_layout="rmt", mem_attend_cache=False, div_val=1.0,
+                    memory_target_token=False)
+PAPER_BACKBONES = {
+    "wt103_base": dict(PAPER_COMMON, n_layer=16, d_model=410, n_head=10, d_head=41, d_inner=2100,
+                       adaptive_softmax_cutoff="20000,40000,200000"),
+    "enwik8_base": dict(PAPER_COMMON, n_layer=12, d_model=512, n_head=8, d_head=64, d_inner=2048,
+                        adaptive_softmax_cutoff=None),
+}
+# Named paper architectures: backbone + the memory of the paper's rows they are named after
+# (segment length, BPTT depth and the other rows' memory sizes are in examples/*/recipes.yaml).
+PAPER_ARCHS = {
+    # WikiText-103, segment 150: baseline; Tr-XL mem 150; RMT m=10; MemTr m=10; Tr-XL + RMT 150+10 (with the
+    # target symbol of the paper's memory-token loss)
+    "baseline_wt103_base": ("wt103_base", dict(num_mem_tokens=0, mem_len=0)),
+    "transformer_xl_wt103_base": ("wt103_base", dict(num_mem_tokens=0, mem_len=150)),
+    "rmt_wt103_base": ("wt103_base", dict(num_mem_tokens=10, mem_len=0)),
+    "memtr_wt103_base": ("wt103_base", dict(num_mem_tokens=10, mem_len=0, memory_layout="memtr")),
+    "rmt_xl_wt103_base": ("wt103_base", dict(num_mem_tokens=10, mem_len=150, memory_target_token=True)),
+    # enwik8, segment 128: baseline; Tr-XL mem 200; RMT m=20 (the paper has no Tr-XL + RMT row here)
+    "baseline_enwik8_base": ("enwik8_base", dict(num_mem_tokens=0, mem_len=0)),
+    "transformer_xl_enwik8_base": ("enwik8_base", dict(num_mem_tokens=0, mem_len=200)),
+    "rmt_enwik8_base": ("enwik8_base", dict(num_mem_tokens=20, mem_len=0)),
+}
 
 
-def _enwik8_base(cfg):
-    _set_defaults(cfg, n_layer=12, d_model=512, n_head=8, d_head=64, d_inner=2048, dropout=0.1, dropatt=0.0)
+def _set_paper_values(cfg, values):
+    """Like ``_set_defaults``, but also for booleans, which fairseq's parser never leaves unset.
+
+    A boolean flag can only flip its dataclass default (``--pre-lnorm`` when the default is False),
+    so a value equal to the current default was not given: it gets the paper's value. Example: if
+    the default of ``pre_lnorm`` became True, ``--arch rmt_wt103_base`` would still give False.
+    """
+    for name, value in values.items():
+        default = RMTConfig.__dataclass_fields__[name].default
+        if getattr(cfg, name, None) is None or (isinstance(default, bool) and getattr(cfg, name) == default):
+            setattr(cfg, name, value)
+
+
+def _register_paper_arch(name, backbone, memory):
+    values = {**PAPER_BACKBONES[backbone], **memory}
+    register_model_architecture("rmt", name)(lambda cfg: _set_paper_values(cfg, values))
+
+
+for _name, (_backbone, _memory) in PAPER_ARCHS.items():
+    _register_paper_arch(_name, _backbone, _memory)
 
 
 def _register_family(name, backbone, rmt_mem, xl_mem):
@@ -433,9 +482,6 @@ def _small(cfg):
     _set_defaults(cfg, n_layer=4, d_model=128, n_head=4, d_head=32, d_inner=512, dropout=0.1)
 
 
-# Paper configs (its run scripts): segments of 150 (WT103) / 512 (enwik8) tokens, 150 / 256 memory
-# tokens, Transformer-XL cache = segment length.
-_register_family("wt103_base", _wt103_base, rmt_mem=150, xl_mem=150)
-_register_family("enwik8_base", _enwik8_base, rmt_mem=256, xl_mem=512)
+# Small sizes for CPU runs and tests (not paper configurations).
 _register_family("small", _small, rmt_mem=10, xl_mem=24)
 _register_family("tiny", _tiny, rmt_mem=4, xl_mem=16)

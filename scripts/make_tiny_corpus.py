@@ -10,12 +10,10 @@ Example:
 """
 
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prep_common import SPLITS, UserError, atomic_write, log, make_parser, run_main  # noqa: E402
-from prepare_wikitext import find_inputs, read_bytes  # noqa: E402
+from rmt_data.common import SPLITS, UserError, atomic_write, log, make_parser, run_main
+from rmt_data.wikitext import find_inputs, read_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RMT_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -3,28 +3,34 @@ the paper configurations (Transformer-XL base backbones of Dai et al. 2019, whic
 reuses), the published parameter counts, and the memory/cache settings their names say.
 """
 
+import argparse
 import functools
 
 import pytest
 import torch
 from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-from fairseq.models import ARCH_MODEL_INV_REGISTRY
+from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_INV_REGISTRY
 
 import rmt_plugin  # noqa: F401  (registers the archs, so the registry listing below sees them)
+from paper import ENWIK8_BASE, PAPER_COMMON, WT103_BASE  # tests/paper.py
+from rmt_plugin.model import RMTConfig
 
 WT103_TYPES = 267_735  # WikiText-103 vocabulary; fairseq's Dictionary adds 4 specials
 ENWIK8_TYPES = 204  # bytes seen in enwik8
 
-WT103_BASE = dict(n_layer=16, d_model=410, n_head=10, d_head=41, d_inner=2100, dropout=0.1,
-                  dropatt=0.0, adaptive_softmax_cutoff="20000,40000,200000", div_val=1.0)
-ENWIK8_BASE = dict(n_layer=12, d_model=512, n_head=8, d_head=64, d_inner=2048, dropout=0.1,
-                   dropatt=0.0, adaptive_softmax_cutoff=None)
-# Transformer-XL base training scripts: cache length = segment length.
-XL_MEM_LEN = {"wt103_base": 150, "enwik8_base": 512}
-# The RMT paper's run scripts (LM-RMT): 150 memory tokens on WT103, 256 on enwik8.
-RMT_MEM_TOKENS = {"wt103_base": 150, "enwik8_base": 256}
-BASE_FAMILIES = {"wt103_base": WT103_BASE, "enwik8_base": ENWIK8_BASE}
+# Each named paper architecture is one row of the paper's tables (memory tokens m, cache L).
+PAPER_ARCHS = {
+    "baseline_wt103_base": dict(WT103_BASE, num_mem_tokens=0, mem_len=0),           # 29.95
+    "transformer_xl_wt103_base": dict(WT103_BASE, num_mem_tokens=0, mem_len=150),   # 24.12
+    "rmt_wt103_base": dict(WT103_BASE, num_mem_tokens=10, mem_len=0),               # 26.85 .. 25.04
+    "memtr_wt103_base": dict(WT103_BASE, num_mem_tokens=10, mem_len=0, memory_layout="memtr"),  # 29.63
+    # 24.30, 23.99: with the paper's memory-token loss, whose target symbol the model appends
+    "rmt_xl_wt103_base": dict(WT103_BASE, num_mem_tokens=10, mem_len=150, memory_target_token=True),
+    "baseline_enwik8_base": dict(ENWIK8_BASE, num_mem_tokens=0, mem_len=0),         # 1.402
+    "transformer_xl_enwik8_base": dict(ENWIK8_BASE, num_mem_tokens=0, mem_len=200),  # 1.140
+    "rmt_enwik8_base": dict(ENWIK8_BASE, num_mem_tokens=20, mem_len=0),             # 1.301 .. 1.222
+}
 BACKBONE_FIELDS = ("n_layer", "d_model", "n_head", "d_head", "d_inner", "dropout", "dropatt", "pre_lnorm",
                    "adaptive_softmax_cutoff", "div_val", "tie_weights", "clamp_len", "same_length")
 
@@ -36,6 +42,7 @@ ENWIK8_PUBLISHED = 41_000_000
 # Every architecture registered for the "rmt" model, so a family added later is covered too.
 ALL_ARCHS = list(ARCH_MODEL_INV_REGISTRY["rmt"])
 NAMED_ARCHS = [a for a in ALL_ARCHS if a != "rmt"]
+FAMILY_ARCHS = [a for a in NAMED_ARCHS if a not in PAPER_ARCHS]  # rmt/transformer_xl/rmt_xl_<size>
 
 
 def family_of(arch):
@@ -80,26 +87,49 @@ def count_parameters(data_dir, arch):
     return sum(p.numel() for p in model.parameters()), model
 
 
-def data_dir_for(dirs, family):
-    return dirs["wt103" if family.startswith("wt103") else "enwik8" if family.startswith("enwik8") else "small"]
+def data_dir_for(dirs, name):
+    return dirs["wt103" if "wt103" in name else "enwik8" if "enwik8" in name else "small"]
 
 
 # --------------------------------------------------------------------------- configs
-@pytest.mark.parametrize("family", list(BASE_FAMILIES))
-@pytest.mark.parametrize("variant", ["rmt", "transformer_xl", "rmt_xl"])
-def test_base_archs_resolve_to_the_paper_backbone(data_dirs, variant, family):
-    cfg = resolve(data_dir_for(data_dirs, family), f"{variant}_{family}", "--tokens-per-sample", "150").model
-    for name, value in BASE_FAMILIES[family].items():
-        assert cfg[name] == value, f"{variant}_{family}: {name} = {cfg[name]!r}, paper: {value!r}"
+def test_paper_archs_are_exactly_the_named_base_archs():
+    assert sorted(a for a in NAMED_ARCHS if "base" in a) == sorted(PAPER_ARCHS)
+
+
+@pytest.mark.parametrize("arch", list(PAPER_ARCHS))
+def test_paper_archs_resolve_to_the_paper_row_in_every_field(data_dirs, arch):
+    cfg = resolve(data_dir_for(data_dirs, arch), arch).model
+    assert set(PAPER_ARCHS[arch]) == set(RMTConfig.__dataclass_fields__) - {"_name"}, "a field has no paper value"
+    for name, value in PAPER_ARCHS[arch].items():
+        assert cfg[name] == value, f"{arch}: {name} = {cfg[name]!r}, paper: {value!r}"
     assert cfg.n_head * cfg.d_head == cfg.d_model
-    assert not cfg.pre_lnorm and cfg.tie_weights  # Transformer-XL: post-LayerNorm, tied embeddings
-    if variant != "rmt":
-        assert cfg.mem_len == XL_MEM_LEN[family]
-    if variant != "transformer_xl":
-        assert cfg.num_mem_tokens == RMT_MEM_TOKENS[family]
 
 
-@pytest.mark.parametrize("arch", NAMED_ARCHS)
+def test_paper_archs_keep_the_paper_values_when_the_model_defaults_change(monkeypatch):
+    """The plugin's defaults may change (e.g. pre-LayerNorm to help small models); a paper arch must
+    not. Every default is moved away from the paper value and the arch function gets what fairseq's
+    parser then hands it: None for an option not given, but the (new) default for a boolean flag
+    not given, so an arch that only fills unset fields would miss the booleans."""
+    fields = RMTConfig.__dataclass_fields__
+    parsed = {}
+    for name, paper in PAPER_COMMON.items():
+        other = (not paper if isinstance(paper, bool) else "memtr" if name == "memory_layout"
+                 else paper + 1)
+        monkeypatch.setattr(fields[name], "default", other)
+        parsed[name] = other if isinstance(paper, bool) else None
+    for arch in PAPER_ARCHS:
+        args = argparse.Namespace(**parsed, num_mem_tokens=None, mem_len=None)
+        ARCH_CONFIG_REGISTRY[arch](args)
+        for name in PAPER_COMMON:
+            assert getattr(args, name) == PAPER_ARCHS[arch][name], f"{arch}: {name} follows the changed default"
+
+
+def test_explicit_boolean_flags_still_override_a_paper_arch(data_dirs):
+    cfg = resolve(data_dirs["enwik8"], "rmt_enwik8_base", "--pre-lnorm", "--same-length").model
+    assert cfg.pre_lnorm and cfg.same_length
+
+
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
 def test_memory_and_cache_are_what_the_name_says(data_dirs, arch):
     family = family_of(arch)
     cfg = resolve(data_dir_for(data_dirs, family), arch).model
@@ -112,7 +142,7 @@ def test_memory_and_cache_are_what_the_name_says(data_dirs, arch):
     assert cfg.memory_layout == "rmt" and not cfg.mem_attend_cache  # the paper's RMT defaults
 
 
-@pytest.mark.parametrize("family", sorted({family_of(a) for a in NAMED_ARCHS}))
+@pytest.mark.parametrize("family", sorted({family_of(a) for a in FAMILY_ARCHS}))
 def test_a_family_shares_one_backbone_and_its_sizes(data_dirs, family):
     data_dir = data_dir_for(data_dirs, family)
     rmt, xl, both = (resolve(data_dir, f"{v}_{family}").model for v in ("rmt", "transformer_xl", "rmt_xl"))
@@ -141,12 +171,16 @@ def test_wt103_base_parameter_count(data_dirs):
     xl, xl_model = count_parameters(data_dirs["wt103"], "transformer_xl_wt103_base")
     rmt, _ = count_parameters(data_dirs["wt103"], "rmt_wt103_base")
     both, _ = count_parameters(data_dirs["wt103"], "rmt_xl_wt103_base")
+    memtr, _ = count_parameters(data_dirs["wt103"], "memtr_wt103_base")
+    baseline, _ = count_parameters(data_dirs["wt103"], "baseline_wt103_base")
     assert len(setup_task(data_dirs["wt103"]).target_dictionary) == WT103_TYPES + 4
     print(f"\nWT103 base parameters: transformer_xl {xl:,}, rmt {rmt:,}, rmt_xl {both:,}")
     assert abs(xl - WT103_PUBLISHED) <= 0.01 * WT103_PUBLISHED, xl
     # The memory is the only addition: m learned d_model-vectors, nothing per layer.
     m = resolve(data_dirs["wt103"], "rmt_wt103_base").model.num_mem_tokens
-    assert rmt - xl == both - xl == m * 410
+    assert rmt - xl == memtr - xl == m * 410
+    assert both - xl == (m + 1) * 410  # + the embedding row of the memory-token loss's target <mem>
+    assert baseline == xl  # a cache holds activations, not parameters
     # The adaptive input covers the whole vocabulary at full width (div_val=1): no rows lost
     tables = sum(e.weight.numel() for e in xl_model.decoder.embed_tokens.modules() if isinstance(e, torch.nn.Embedding))
     assert tables == (WT103_TYPES + 4) * 410
@@ -155,14 +189,15 @@ def test_wt103_base_parameter_count(data_dirs):
 def test_enwik8_base_parameter_count(data_dirs):
     xl, _ = count_parameters(data_dirs["enwik8"], "transformer_xl_enwik8_base")
     rmt, _ = count_parameters(data_dirs["enwik8"], "rmt_enwik8_base")
-    both, _ = count_parameters(data_dirs["enwik8"], "rmt_xl_enwik8_base")
-    print(f"\nenwik8 base parameters: transformer_xl {xl:,}, rmt {rmt:,}, rmt_xl {both:,}")
+    baseline, _ = count_parameters(data_dirs["enwik8"], "baseline_enwik8_base")
+    print(f"\nenwik8 base parameters: transformer_xl {xl:,}, rmt {rmt:,}")
     assert abs(xl - ENWIK8_PUBLISHED) <= 0.015 * ENWIK8_PUBLISHED, xl
     m = resolve(data_dirs["enwik8"], "rmt_enwik8_base").model.num_mem_tokens
-    assert rmt - xl == both - xl == m * 512
+    assert rmt - xl == m * 512
+    assert baseline == xl
 
 
-@pytest.mark.parametrize("family", list(BASE_FAMILIES))
+@pytest.mark.parametrize("family", ["wt103_base", "enwik8_base"])
 def test_layer_stack_has_exactly_transformer_xls_parameters(data_dirs, family):
     """Independent count: HF's Transformer-XL layers of the same size (built on the meta device;
     the layers do not depend on the vocabulary) hold exactly as many parameters as ours."""
@@ -182,7 +217,7 @@ def test_layer_stack_has_exactly_transformer_xls_parameters(data_dirs, family):
 
 
 # --------------------------------------------------------------------------- small models run
-@pytest.mark.parametrize("arch", [a for a in NAMED_ARCHS if "base" not in family_of(a)])
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
 def test_small_archs_carry_the_state_their_name_says(data_dirs, arch):
     """Built for real and run over two segments: memory and cache exist exactly when promised."""
     data_dir = data_dirs["small"]

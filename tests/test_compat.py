@@ -131,6 +131,14 @@ def test_wheel_ships_the_pth_at_its_root(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "rmt_compat.pth" in names and "rmt_compat.py" in names
     assert "rmt_plugin/model.py" in names
+    # data preparation is part of the package, as commands: a pip install without a clone has it
+    assert {"rmt_data/common.py", "rmt_data/byte_level.py", "rmt_data/enwik8.py", "rmt_data/wikitext.py"} <= set(names)
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    commands = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "rmt-prepare-enwik8 = rmt_data.enwik8:cli" in commands
+    assert "rmt-prepare-wikitext = rmt_data.wikitext:cli" in commands
+    requirements = zipfile.ZipFile(wheel).read(entry_points.replace("entry_points.txt", "METADATA")).decode()
+    assert "Requires-Dist: tensorboardX" in requirements  # fairseq's --tensorboard-logdir writes through it
 
 
 def test_this_environment_loads_the_pth():

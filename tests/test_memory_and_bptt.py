@@ -218,7 +218,7 @@ def test_chunk_mode_warns_when_chunks_straddle_batches(caplog):
     assert "--segments-per-sample is 3" in caplog.text
 
 
-# --------------------------------------------------------------------------- auxiliary memory loss
+# --------------------------------------------------------------------------- memory-only loss (ours)
 def one_sample(num_segments, first_id=4):
     tokens = torch.cat([t for t, _ in distinct_segments(num_segments, first_id=first_id)], dim=1)
     return {"net_input": {"src_tokens": tokens}, "target": tokens.roll(-1, dims=1)}
@@ -235,28 +235,28 @@ def memory_only_losses_by_hand(model, criterion, sample, carried_state):
     return losses
 
 
-def test_aux_memory_loss_is_the_memory_only_run_added_with_its_weight():
+def test_memory_only_loss_is_the_memory_only_run_added_with_its_weight():
     task = make_task(vocab_size=4 + 6 * SEG_LEN)
     model = make_model(task, num_mem_tokens=2, mem_len=SEG_LEN)
     plain = RMTLMCriterion(task, bptt_depth=2)
-    aux = RMTLMCriterion(task, bptt_depth=2, aux_memory_loss_weight=0.5)
+    aux = RMTLMCriterion(task, bptt_depth=2, memory_only_loss_weight=0.5)
     _, _, _, carried = plain.forward_with_state(model, one_sample(3), None)
     sample = one_sample(3, first_id=4 + 3 * SEG_LEN)
 
     loss0, _, log0, _ = plain.forward_with_state(model, sample, carried)
     loss, _, log, _ = aux.forward_with_state(model, sample, carried)
-    assert "aux_memory_loss" not in log0
+    assert "memory_only_loss" not in log0
     assert torch.equal(log["loss"], log0["loss"])  # the logged LM loss is not changed by the aux term
-    assert torch.allclose(loss, loss0 + 0.5 * log["aux_memory_loss"])
+    assert torch.allclose(loss, loss0 + 0.5 * log["memory_only_loss"])
     by_hand = memory_only_losses_by_hand(model, plain, sample, carried.model_state)
-    assert torch.allclose(log["aux_memory_loss"], sum(by_hand), atol=1e-5)
-    assert abs(log["aux_memory_loss"] - log["loss"]) > 1e-4  # hiding the cache changes the prediction
+    assert torch.allclose(log["memory_only_loss"], sum(by_hand), atol=1e-5)
+    assert abs(log["memory_only_loss"] - log["loss"]) > 1e-4  # hiding the cache changes the prediction
 
 
-def test_aux_memory_loss_ignores_the_cache_and_follows_the_memory():
+def test_memory_only_loss_ignores_the_cache_and_follows_the_memory():
     task = make_task(vocab_size=4 + 6 * SEG_LEN)
     model = make_model(task, num_mem_tokens=2, mem_len=SEG_LEN)
-    criterion = RMTLMCriterion(task, bptt_depth=1, aux_memory_loss_weight=0.01)
+    criterion = RMTLMCriterion(task, bptt_depth=1, memory_only_loss_weight=0.01)
     _, _, _, carried = criterion.forward_with_state(model, one_sample(2), None)
     sample = one_sample(1, first_id=4 + 2 * SEG_LEN)  # one segment: its inputs are the carried state
     state = carried.model_state
@@ -268,16 +268,16 @@ def test_aux_memory_loss_ignores_the_cache_and_follows_the_memory():
     other_cache = logged(state.memory, [c + torch.randn_like(c) for c in state.cache])
     other_memory = logged(state.memory + torch.randn_like(state.memory), state.cache)
     assert not torch.allclose(other_cache["loss"], base["loss"])
-    assert torch.equal(other_cache["aux_memory_loss"], base["aux_memory_loss"])
-    assert not torch.allclose(other_memory["aux_memory_loss"], base["aux_memory_loss"])
+    assert torch.equal(other_cache["memory_only_loss"], base["memory_only_loss"])
+    assert not torch.allclose(other_memory["memory_only_loss"], base["memory_only_loss"])
 
 
 @pytest.mark.parametrize("mode", ["chunk", "sliding"])
 @pytest.mark.parametrize("depth", [1, 2])
-def test_aux_memory_loss_reaches_exactly_depth_segments_back(mode, depth):
+def test_memory_only_loss_reaches_exactly_depth_segments_back(mode, depth):
     task = make_task(vocab_size=4 + 8 * SEG_LEN)
     model = make_model(task, num_mem_tokens=2, mem_len=SEG_LEN)
-    criterion = RMTLMCriterion(task, bptt_depth=depth, bptt_mode=mode, aux_memory_loss_weight=0.01)
+    criterion = RMTLMCriterion(task, bptt_depth=depth, bptt_mode=mode, memory_only_loss_weight=0.01)
     segments = distinct_segments(2 * (depth + 1))
     results, _ = criterion.unroll(model, segments, CarriedState(None))
     j = len(segments) - 1
@@ -291,34 +291,34 @@ def test_aux_memory_loss_reaches_exactly_depth_segments_back(mode, depth):
 
 
 @pytest.mark.parametrize("weight", [-0.1, float("nan")])
-def test_aux_memory_loss_weight_must_be_non_negative(weight):
-    with pytest.raises(ValueError, match="--aux-memory-loss-weight must be >= 0"):
-        RMTLMCriterion(make_task(), aux_memory_loss_weight=weight)
+def test_memory_only_loss_weight_must_be_non_negative(weight):
+    with pytest.raises(ValueError, match="--memory-only-loss-weight must be >= 0"):
+        RMTLMCriterion(make_task(), memory_only_loss_weight=weight)
 
 
 @pytest.mark.parametrize("num_mem_tokens, mem_len", [(2, 0), (0, SEG_LEN)])
-def test_aux_memory_loss_needs_memory_and_cache(num_mem_tokens, mem_len):
+def test_memory_only_loss_needs_memory_and_cache(num_mem_tokens, mem_len):
     task = make_task()
     model = make_model(task, num_mem_tokens=num_mem_tokens, mem_len=mem_len)
-    criterion = RMTLMCriterion(task, aux_memory_loss_weight=0.01)
+    criterion = RMTLMCriterion(task, memory_only_loss_weight=0.01)
     with pytest.raises(ValueError, match=r"needs a Tr-XL \+ RMT model .*--mem-len"):
         criterion.forward_with_state(model, one_sample(1), None)
 
 
-def test_aux_memory_loss_is_logged_separately_in_bits():
-    logs = [{"loss": torch.tensor(6.0), "aux_memory_loss": torch.tensor(9.0), "sample_size": 3},
-            {"loss": torch.tensor(2.0), "aux_memory_loss": torch.tensor(3.0), "sample_size": 1}]
+def test_memory_only_loss_is_logged_separately_in_bits():
+    logs = [{"loss": torch.tensor(6.0), "memory_only_loss": torch.tensor(9.0), "sample_size": 3},
+            {"loss": torch.tensor(2.0), "memory_only_loss": torch.tensor(3.0), "sample_size": 1}]
     with metrics.aggregate() as agg:
         RMTLMCriterion.reduce_metrics(logs)
     values = agg.get_smoothed_values()
     assert values["loss"] == pytest.approx(round(8.0 / 4 / math.log(2), 3))
-    assert values["aux_memory_loss"] == pytest.approx(round(12.0 / 4 / math.log(2), 3))
+    assert values["memory_only_loss"] == pytest.approx(round(12.0 / 4 / math.log(2), 3))
     with metrics.aggregate() as agg:
         RMTLMCriterion.reduce_metrics([{"loss": torch.tensor(6.0), "sample_size": 3}])
-    assert "aux_memory_loss" not in agg.get_smoothed_values()
+    assert "memory_only_loss" not in agg.get_smoothed_values()
 
 
-def test_aux_memory_loss_costs_one_extra_forward_per_segment_with_a_cache():
+def test_memory_only_loss_costs_one_extra_forward_per_segment_with_a_cache():
     task = make_task(vocab_size=4 + 6 * SEG_LEN)
     model = make_model(task, num_mem_tokens=2, mem_len=SEG_LEN)
     calls = []
@@ -326,10 +326,110 @@ def test_aux_memory_loss_costs_one_extra_forward_per_segment_with_a_cache():
 
     def forwards(weight, carried):
         calls.clear()
-        RMTLMCriterion(task, bptt_depth=2, aux_memory_loss_weight=weight).forward_with_state(
+        RMTLMCriterion(task, bptt_depth=2, memory_only_loss_weight=weight).forward_with_state(
             model, one_sample(3), carried)
         return len(calls)
 
     _, _, _, carried = RMTLMCriterion(task).forward_with_state(model, one_sample(3), None)
     assert (forwards(0.0, carried), forwards(0.01, carried)) == (3, 6)
     assert forwards(0.01, None) == 5  # a stream's first segment has no cache to hide
+
+
+# --------------------------------------------------------------------------- memory-token loss (the paper's)
+def make_target_model(task, num_mem_tokens=2, mem_len=SEG_LEN, tie=False, layout="rmt"):
+    torch.manual_seed(0)
+    cfg = RMTConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.0, num_mem_tokens=num_mem_tokens,
+                    mem_len=mem_len, memory_layout=layout, tie_weights=tie, memory_target_token=True)
+    return RMTLanguageModel.build_model(cfg, task).eval()
+
+
+def test_memory_target_is_a_model_symbol_after_the_dictionary():
+    task = make_task()
+    model = make_target_model(task)
+    vocab = len(task.target_dictionary)
+    assert model.decoder.memory_target == vocab  # no data-bin id changes meaning
+    logits, _ = model(torch.tensor([[5, 6, 7]]))
+    assert logits.shape[-1] == vocab + 1
+    assert make_model(task).decoder.memory_target is None
+
+
+@pytest.mark.parametrize("tie, layout", [(True, "rmt"), (False, "rmt"), (True, "memtr")])
+def test_memory_token_loss_written_out_by_hand(tie, layout):
+    """Per segment: -mean log p(<mem>) over the B x m memory outputs, times the segment's targets,
+    through the LM head written out here (output weight, bias, log-softmax)."""
+    task = make_task(vocab_size=4 + 6 * SEG_LEN)
+    model = make_target_model(task, tie=tie, layout=layout)
+    weight = 0.01
+    plain = RMTLMCriterion(task, bptt_depth=1)
+    criterion = RMTLMCriterion(task, bptt_depth=1, memory_token_loss_weight=weight)
+    sample = one_sample(2)
+    loss0, _, log0, _ = plain.forward_with_state(model, sample, None)
+    loss, _, log, _ = criterion.forward_with_state(model, sample, None)
+
+    decoder = model.decoder
+    out_weight = decoder.embed_tokens.weight if tie else decoder.out_weight
+    state, by_hand = None, torch.tensor(0.0)
+    for tokens in sample["net_input"]["src_tokens"].split(SEG_LEN, dim=1):
+        state = model(tokens, state=state)[1]["state"]
+        memory = state.memory  # [B=2, m=2, d]: the outputs at the write (memtr: memory) positions
+        logits = memory @ out_weight.t() + decoder.out_bias
+        mean_nll = -torch.log_softmax(logits, dim=-1)[..., len(task.target_dictionary)].mean()
+        by_hand = by_hand + mean_nll * tokens.numel()
+    assert "memory_token_loss" not in log0
+    assert torch.equal(log["loss"], log0["loss"])  # the logged LM loss is the LM loss alone
+    assert torch.allclose(log["memory_token_loss"], by_hand, atol=1e-5)
+    assert torch.allclose(loss, loss0 + weight * by_hand, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["chunk", "sliding"])
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_memory_token_loss_reaches_exactly_depth_segments_back(mode, depth):
+    """The loss on segment j's memory outputs trains segment j (whose tokens the write positions read)
+    and, through its read memory, the depth segments before it; nothing older."""
+    task = make_task(vocab_size=4 + 8 * SEG_LEN)
+    model = make_target_model(task, mem_len=0)  # untied: embedding rows get gradient only as inputs
+    criterion = RMTLMCriterion(task, bptt_depth=depth, bptt_mode=mode, memory_token_loss_weight=0.01)
+    segments = distinct_segments(2 * (depth + 1))
+    results, _ = criterion.unroll(model, segments, CarriedState(None))
+    j = len(segments) - 1
+    grad = _embedding_grad_rows(model, criterion.memory_token_loss(model, results[j].net_output, results[j].target))
+    for i in range(j - depth, j + 1):
+        assert grad[segment_ids(i)].abs().sum() > 0, f"segment {i} should receive gradient from {j}"
+    for i in range(0, j - depth):
+        assert torch.count_nonzero(grad[segment_ids(i)]) == 0, f"segment {i} is beyond depth {depth}"
+    # the learned initial memory: read by segment 0, so within reach of segment `depth` only
+    def mem_init_grad(i):
+        loss = criterion.memory_token_loss(model, results[i].net_output, results[i].target)
+        return torch.autograd.grad(loss, model.decoder.mem_init, allow_unused=True)[0]
+
+    assert mem_init_grad(depth).abs().sum() > 0
+    assert mem_init_grad(depth + 1) is None
+
+
+@pytest.mark.parametrize("weight", [-0.1, float("nan")])
+def test_memory_token_loss_weight_must_be_non_negative(weight):
+    with pytest.raises(ValueError, match="--memory-token-loss-weight must be >= 0"):
+        RMTLMCriterion(make_task(), memory_token_loss_weight=weight)
+
+
+@pytest.mark.parametrize("num_mem_tokens, target_token", [(2, False), (0, True)])
+def test_memory_token_loss_needs_memory_and_its_target_symbol(num_mem_tokens, target_token):
+    task = make_task()
+    torch.manual_seed(0)
+    cfg = RMTConfig(n_layer=1, d_model=16, n_head=2, d_head=8, d_inner=32, num_mem_tokens=num_mem_tokens,
+                    memory_target_token=target_token)
+    model = RMTLanguageModel.build_model(cfg, task)
+    criterion = RMTLMCriterion(task, memory_token_loss_weight=0.01)
+    with pytest.raises(ValueError, match=r"--memory-token-loss-weight needs memory tokens and their target symbol"):
+        criterion.forward_with_state(model, one_sample(1), None)
+
+
+def test_memory_token_loss_is_logged_separately_in_bits():
+    logs = [{"loss": torch.tensor(6.0), "memory_token_loss": torch.tensor(1.0), "sample_size": 3},
+            {"loss": torch.tensor(2.0), "memory_token_loss": torch.tensor(3.0), "sample_size": 1}]
+    with metrics.aggregate() as agg:
+        RMTLMCriterion.reduce_metrics(logs)
+    values = agg.get_smoothed_values()
+    assert values["loss"] == pytest.approx(round(8.0 / 4 / math.log(2), 3))
+    assert values["memory_token_loss"] == pytest.approx(round(4.0 / 4 / math.log(2), 3))
+    assert "memory_only_loss" not in values

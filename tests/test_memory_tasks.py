@@ -261,12 +261,12 @@ def test_task_switches_on_exact_match_and_accuracy():
     assert criterion.report_accuracy
 
 
-def test_aux_memory_loss_is_checked_against_the_arch_when_the_criterion_is_built():
-    flags = ("--task", "rmt_memory", "--criterion", "rmt_lm", "--aux-memory-loss-weight", "0.01")
-    with pytest.raises(ValueError, match="--aux-memory-loss-weight needs a Tr-XL"):
+def test_memory_only_loss_is_checked_against_the_arch_when_the_criterion_is_built():
+    flags = ("--task", "rmt_memory", "--criterion", "rmt_lm", "--memory-only-loss-weight", "0.01")
+    with pytest.raises(ValueError, match="--memory-only-loss-weight needs a Tr-XL"):
         build(*flags, "--arch", "rmt_tiny")  # no cache
     _, _, criterion = build(*flags, "--arch", "rmt_xl_tiny")  # memory and cache from the arch defaults
-    assert criterion.aux_memory_loss_weight == 0.01
+    assert criterion.memory_only_loss_weight == 0.01
 
 
 def test_memory_resets_between_examples():

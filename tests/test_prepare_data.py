@@ -1,6 +1,9 @@
-"""Tests of the data preparation scripts (scripts/prepare_*.py, scripts/make_tiny_corpus.py).
+"""Tests of the data preparation commands (rmt-prepare-enwik8, rmt-prepare-wikitext, installed with
+the package from rmt_data/), their checkout wrappers scripts/prepare_*.py, and
+scripts/make_tiny_corpus.py.
 
-The scripts run as the user runs them, in a subprocess with this interpreter (the venv's python);
+The commands run as the user runs them, in a subprocess of this venv (its python, or the installed
+console script);
 their outputs are read back with fairseq's own loaders and decoded here, independently of the
 scripts' code. enwik8 itself is not available offline: a small stand-in in the real format (a zip
 holding a member named "enwik8") is built here. WikiText-2 tests use the project's real corpora
@@ -22,14 +25,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
+BIN = Path(sys.executable).parent
 TINY = REPO / "examples" / "data" / "tiny-wikitext2"
 SPLITS = ("train", "valid", "test")
 WORKERS = "2"
 
 
 def run(script, *args, cwd=None):
-    """Runs a script; returns the CompletedProcess (stdout, stderr as text)."""
-    cmd = [sys.executable, str(SCRIPTS / script), *map(str, args)]
+    """Runs ``scripts/<script>.py`` or the installed command ``<script>``; returns the
+    CompletedProcess (stdout, stderr as text)."""
+    if script.endswith(".py"):
+        cmd = [sys.executable, str(SCRIPTS / script), *map(str, args)]
+    else:
+        cmd = [str(BIN / script), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or REPO)
 
 
@@ -127,13 +135,21 @@ def standin(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def enwik8_built(standin, tmp_path_factory):
-    """The stand-in zip prepared with the size and sha256 checks on (set to the stand-in's)."""
+    """The stand-in zip prepared with the size and sha256 checks on (set to the stand-in's), by the
+    installed command (the rerun test below runs the checkout wrapper on the same outputs)."""
     out = tmp_path_factory.mktemp("enwik8-out")
     destdir, workdir = out / "data-bin", out / "work"
-    proc = run_ok("prepare_enwik8.py", "--input", standin["zip"], "--destdir", destdir,
+    proc = run_ok("rmt-prepare-enwik8", "--input", standin["zip"], "--destdir", destdir,
                   "--workdir", workdir, "--expected-size", N_STANDIN,
                   "--expected-sha256", standin["sha256"], "--workers", WORKERS)
     return {"destdir": destdir, "workdir": workdir, "stdout": proc.stdout}
+
+
+@pytest.mark.parametrize("command", ["rmt-prepare-enwik8", "rmt-prepare-wikitext"])
+def test_preparation_is_installed_as_a_command_that_runs_outside_a_checkout(command, tmp_path):
+    proc = subprocess.run([str(BIN / command), "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: {command} ")
 
 
 def test_enwik8_tokens_equal_bytes(standin, enwik8_built):
@@ -181,9 +197,8 @@ def test_enwik8_raw_file_and_given_split_sizes(standin, tmp_path):
 
 
 def test_damaged_or_foreign_outputs_are_not_taken_for_valid(enwik8_built, tmp_path):
-    """The stamp check behind the "up to date" skip (scripts/prep_common.py), without a rebuild."""
-    sys.path.insert(0, str(SCRIPTS))
-    from prep_common import STAMP_NAME, UserError, read_stamp, up_to_date
+    """The stamp check behind the "up to date" skip (rmt_data/common.py), without a rebuild."""
+    from rmt_data.common import STAMP_NAME, UserError, read_stamp, up_to_date
 
     stamp = read_stamp(enwik8_built["destdir"])
     key = stamp["key"]

@@ -368,7 +368,7 @@ def test_train_and_eval_lm_through_the_cli(tmp_path):
 
 
 @pytest.mark.parametrize("num_mem_tokens, mem_len, fits", [(2, 4, True), (2, 0, False), (0, 4, False)])
-def test_aux_memory_loss_is_checked_against_the_model_before_any_batch(data, num_mem_tokens, mem_len, fits):
+def test_memory_only_loss_is_checked_against_the_model_before_any_batch(data, num_mem_tokens, mem_len, fits):
     # fairseq-train builds the model, then the criterion; a failure in the first training step
     # would already leave a crash.pt checkpoint behind
     task = make_task(data[0])
@@ -376,10 +376,26 @@ def test_aux_memory_loss_is_checked_against_the_model_before_any_batch(data, num
                                                num_mem_tokens=num_mem_tokens, mem_len=mem_len))
     model_cfg._name = "rmt"
     task.build_model(model_cfg)
-    criterion_cfg = OmegaConf.structured(RMTLMCriterionConfig(aux_memory_loss_weight=0.01))
+    criterion_cfg = OmegaConf.structured(RMTLMCriterionConfig(memory_only_loss_weight=0.01))
     criterion_cfg._name = "rmt_lm"
     if fits:
-        assert task.build_criterion(criterion_cfg).aux_memory_loss_weight == 0.01
+        assert task.build_criterion(criterion_cfg).memory_only_loss_weight == 0.01
     else:
-        with pytest.raises(ValueError, match="--aux-memory-loss-weight needs a Tr-XL"):
+        with pytest.raises(ValueError, match="--memory-only-loss-weight needs a Tr-XL"):
+            task.build_criterion(criterion_cfg)
+
+
+@pytest.mark.parametrize("num_mem_tokens, target_token, fits", [(2, True, True), (2, False, False), (0, True, False)])
+def test_memory_token_loss_is_checked_against_the_model_before_any_batch(data, num_mem_tokens, target_token, fits):
+    task = make_task(data[0])
+    model_cfg = OmegaConf.structured(RMTConfig(n_layer=1, d_model=8, n_head=2, d_head=4, d_inner=16,
+                                               num_mem_tokens=num_mem_tokens, memory_target_token=target_token))
+    model_cfg._name = "rmt"
+    task.build_model(model_cfg)
+    criterion_cfg = OmegaConf.structured(RMTLMCriterionConfig(memory_token_loss_weight=0.01))
+    criterion_cfg._name = "rmt_lm"
+    if fits:
+        assert task.build_criterion(criterion_cfg).memory_token_loss_weight == 0.01
+    else:
+        with pytest.raises(ValueError, match="--memory-token-loss-weight needs memory tokens"):
             task.build_criterion(criterion_cfg)

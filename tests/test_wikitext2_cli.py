@@ -1,7 +1,7 @@
 """End to end through the stock CLI on real WikiText-2: preprocess, train, evaluate.
 
-RMT, Transformer-XL and Tr-XL + RMT (tiny, adaptive softmax; Tr-XL + RMT also with the auxiliary
-memory loss) each train a few hundred updates with `fairseq-train --user-dir rmt_plugin`;
+RMT, Transformer-XL and Tr-XL + RMT (tiny, adaptive softmax; Tr-XL + RMT also with both extra
+losses, the memory-only loss and the paper's memory-token loss) each train a few hundred updates with `fairseq-train --user-dir rmt_plugin`;
 validation loss must fall, and `fairseq-eval-lm` on the checkpoint must print Loss (base 2) and
 Perplexity for every token it claims to score.
 """
@@ -22,8 +22,9 @@ VARIANTS = {
     "rmt": ["--arch", "rmt_tiny", "--num-mem-tokens", "4"],
     "transformer_xl": ["--arch", "transformer_xl_tiny", "--mem-len", str(SEG_LEN)],
     "rmt_xl": ["--arch", "rmt_xl_tiny", "--num-mem-tokens", "4", "--mem-len", str(SEG_LEN)],
-    "rmt_xl_aux": ["--arch", "rmt_xl_tiny", "--num-mem-tokens", "4", "--mem-len", str(SEG_LEN),
-                   "--aux-memory-loss-weight", "0.01"],
+    "rmt_xl_extra_losses": ["--arch", "rmt_xl_tiny", "--num-mem-tokens", "4", "--mem-len", str(SEG_LEN),
+                            "--memory-only-loss-weight", "0.01", "--memory-token-loss-weight", "0.01",
+                            "--memory-target-token"],
 }
 
 
@@ -62,10 +63,13 @@ def test_train_lowers_valid_loss_and_eval_lm_reports_it(wikitext2_bin, tmp_path,
     losses = [float(log["valid_loss"]) for log in logs]
     assert len(losses) >= 4, train_log[-2000:]
     assert losses[-1] < losses[0] - 0.5, f"{variant}: validation loss did not fall: {losses}"
-    with_aux = "--aux-memory-loss-weight" in VARIANTS[variant]
-    assert all(("valid_aux_memory_loss" in log) == with_aux for log in logs)
-    if with_aux:  # the memory alone predicts worse than memory + cache
-        assert all(float(log["valid_aux_memory_loss"]) > float(log["valid_loss"]) for log in logs)
+    extra_losses = "--memory-only-loss-weight" in VARIANTS[variant]
+    assert all(("valid_memory_only_loss" in log) == extra_losses for log in logs)
+    assert all(("valid_memory_token_loss" in log) == extra_losses for log in logs)
+    if extra_losses:  # the memory alone predicts worse than memory + cache; <mem> is learned fast
+        assert all(float(log["valid_memory_only_loss"]) > float(log["valid_loss"]) for log in logs)
+        tokens = [float(log["valid_memory_token_loss"]) for log in logs]
+        assert tokens[-1] < tokens[0], tokens
 
     eval_log = run([
         BIN / "fairseq-eval-lm", wikitext2_bin, "--path", save_dir / "checkpoint_last.pt",

@@ -1,4 +1,4 @@
-"""Plumbing shared by the data preparation scripts (prepare_enwik8.py, prepare_wikitext.py).
+"""Plumbing shared by the data preparation commands (rmt-prepare-enwik8, rmt-prepare-wikitext).
 
 - User errors: raise ``UserError("one line naming the file or flag")``; ``run_main`` turns it into
   ``error: ...`` on stderr and exit status 1, without a traceback.

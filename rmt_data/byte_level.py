@@ -1,4 +1,4 @@
-"""The byte-level ("enwik8") format of prepare_enwik8.py and prepare_wikitext.py --level byte.
+"""The byte-level ("enwik8") format of rmt-prepare-enwik8 and rmt-prepare-wikitext --level byte.
 
 One token per byte, so that fairseq-eval-lm's "Loss (base 2)" is bits per character:
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prep_common import (DEFAULT_WORKERS, UserError, atomic_open, load_binarized, load_dictionary,
+from .common import (DEFAULT_WORKERS, UserError, atomic_open, load_binarized, load_dictionary,
                          log, print_table, run_preprocess)
 
 NEWLINE = 10

@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""Render the paper's recipes from their tables: examples/<dataset>/recipes.yaml gives, per row
+of the RMT paper's tables, <row>.sh (data preparation, fairseq-train, fairseq-eval-lm),
+configs/<row>.yaml (the same training run for fairseq-hydra-train) and README.md (the table).
+
+The tables use fairseq's own names: a section is a hydra config group (task, model, criterion,
+optimizer, lr_scheduler, optimization) and a key is a dataclass field, so one entry becomes both
+the flag (``bptt_depth: 1`` -> ``--bptt-depth 1``) and the hydra value (``criterion.bptt_depth:
+1``). A row overrides the table's ``defaults`` section by section; ``batch`` is the number of
+streams per update over all ``gpus`` (per-GPU ``--batch-size`` = batch / GPUs).
+
+    python examples/make_recipes.py           # (re)write the files
+    python examples/make_recipes.py --check   # exit 1 if a file differs from its table
+"""
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+EXAMPLES = Path(__file__).resolve().parent
+DATASETS = ("wikitext103", "enwik8")
+FLAG_SECTIONS = ("task", "criterion", "optimizer", "lr_scheduler", "optimization")
+# On the command line the named --arch gives the backbone and these are spelled out in every row.
+MEMORY_FIELDS = ("num_mem_tokens", "memory_layout", "mem_len", "memory_target_token")
+# Logistics (not the paper's): validate and keep the best checkpoint every 4000 updates.
+VALIDATE_EVERY = 4000
+LOG_INTERVAL = 200
+GENERATED = "Rendered from examples/{dir}/recipes.yaml by examples/make_recipes.py: edit the table, not this file."
+
+
+def load_table(dataset):
+    return yaml.safe_load((EXAMPLES / dataset / "recipes.yaml").read_text())
+
+
+def merged(defaults, row):
+    """``row`` over ``defaults``, dicts merged key by key at every level.
+
+    Example: merged({"task": {"a": 1, "b": 2}}, {"task": {"b": 3}}) == {"task": {"a": 1, "b": 3}}
+    """
+    out = dict(defaults)
+    for key, value in row.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def recipes(dataset):
+    """{row name: the row with the table's defaults filled in}."""
+    table = load_table(dataset)
+    return {name: merged(table["defaults"], row) for name, row in table["rows"].items()}
+
+
+# ----------------------------------------------------------------------------- flags
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def flag_value(value):
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def flags(section, keys=None):
+    """fairseq-train flags for one table section; a boolean becomes a bare flag when true (false is
+    every boolean's default: the test checks the resolved value)."""
+    out = []
+    for key, value in section.items():
+        if key == "_name" or (keys is not None and key not in keys):
+            continue
+        if isinstance(value, bool):
+            out += [flag(key)] if value else []
+        elif value is not None:
+            out += [flag(key), flag_value(value)]
+    return out
+
+
+def quote(word):
+    if word.startswith("$") or word.startswith('"$'):
+        return word  # a shell expansion, quoted where written
+    if "'" in word and not any(c in word for c in '"$`\\'):
+        return f'"{word}"'
+    return shlex.quote(word)
+
+
+def shell_line(words):
+    return " ".join(quote(w) for w in words)
+
+
+def model_overrides(overrides):
+    """--model-overrides takes a Python dict literal: {'mem_len': 640, 'same_length': True}."""
+    return repr(dict(overrides))
+
+
+def train_lines(row):
+    """The fairseq-train command, one line per config group, for the script."""
+    section_names = {"criterion": "rmt_lm"}  # the others name themselves with _name
+    lines = [
+        ["--user-dir", "rmt_plugin", "--task", "rmt_lm", *flags(row["task"])],
+        ["--arch", row["arch"], *flags(row["model"], keys=MEMORY_FIELDS)],
+    ]
+    for section in FLAG_SECTIONS[1:]:
+        name = row[section].get("_name", section_names.get(section))
+        head = [flag(section), name] if name else []
+        lines.append(head + flags(row[section]))
+    lines.append(["--distributed-world-size", '"$GPUS"', "--batch-size", f"$(({row['batch']} / GPUS))"])
+    lines.append(["--save-dir", '"$SAVE"', "--no-epoch-checkpoints", "--keep-interval-updates", "1",
+                  "--validate-interval-updates", str(VALIDATE_EVERY), "--save-interval-updates", str(VALIDATE_EVERY)])
+    lines.append(["--log-format", "json", "--log-interval", str(LOG_INTERVAL), "--tensorboard-logdir", '"$SAVE/tb"',
+                  '"$@"'])
+    return lines
+
+
+def eval_words(args):
+    words = ["--gen-subset", "test"]
+    for key, value in args.items():
+        words += [flag(key), model_overrides(value) if key == "model_overrides" else flag_value(value)]
+    return words
+
+
+# ----------------------------------------------------------------------------- renderers
+def render_script(dataset, table, name, row):
+    batch, gpus = row["batch"], row["gpus"]
+    note = f" ({row['note']})" if row.get("note") else ""
+    out = [
+        "#!/usr/bin/env bash",
+        f"# {table['title']}, {row['title']}: the RMT paper's {table['metric']} {row['paper']}{note}.",
+        "# " + GENERATED.format(dir=dataset),
+        f"# The model is the paper's: --arch {row['arch']} sets every architecture value explicitly,",
+        "# so a change of the plugin's defaults does not change this recipe.",
+        f"# Evaluations ({table['eval_metric']} of fairseq-eval-lm): " + "; ".join(
+            f"{spec.get('title', 'the paper', )} {row['paper'] if key == 'paper' else spec['paper']}"
+            for key, spec in row["evals"].items()) + ".",
+        "#",
+        f"# Usage: RAW=path/to/{table['raw']} bash examples/{dataset}/{name}.sh [extra fairseq-train flags]",
+        f"#   GPUS  GPUs on this node (default {gpus}): the paper's {batch} streams per update are",
+        f"#         --distributed-world-size GPUS x --batch-size {batch}/GPUS (GPUS must divide {batch});",
+        "#         over several nodes, fairseq's --distributed-* flags with the same product.",
+        f"#   DATA  data-bin (default {table['data']}); SAVE  checkpoints (default checkpoints/{dataset}/{name})",
+        f"# Hydra: fairseq-hydra-train --config-dir examples/{dataset}/configs --config-name {name} task.data=DATA",
+        "set -euo pipefail",
+        'if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then',
+        '  sed -n "2,/^set -euo/{/^#/s/^# \\{0,1\\}//p}" "$0"',
+        "  exit 0",
+        "fi",
+        f"RAW=${{RAW:-{table['raw']}}}",
+        f"DATA=${{DATA:-{table['data']}}}",
+        f"SAVE=${{SAVE:-checkpoints/{dataset}/{name}}}",
+        f"GPUS=${{GPUS:-{gpus}}}",
+        f"if (( {batch} % GPUS )); then",
+        f'  echo "error: GPUS=$GPUS does not divide the paper\'s batch of {batch} streams" >&2',
+        "  exit 1",
+        "fi",
+        "",
+        "# 1. data (idempotent: a rerun with valid outputs does nothing)",
+        shell_line(['"$RAW"' if w == "$RAW" else '"$DATA"' if w == "$DATA" else w for w in table["prepare"]]),
+        "",
+        "# 2. train",
+        'fairseq-train "$DATA" \\',
+    ]
+    lines = train_lines(row)
+    out += [f"  {shell_line(words)}" + (" \\" if i < len(lines) - 1 else "") for i, words in enumerate(lines)]
+    for i, (eval_name, spec) in enumerate(row["evals"].items()):
+        number = row["paper"] if eval_name == "paper" else spec["paper"]
+        title = spec.get("title", "the paper's setting: training segment length and memory")
+        out += [
+            "",
+            f"# {3 + i}. evaluate, {title}: {table['metric']} {number} ({table['eval_metric']} below)",
+            'fairseq-eval-lm "$DATA" --path "$SAVE/checkpoint_best.pt" --user-dir rmt_plugin --task rmt_lm \\',
+            f"  {shell_line(eval_words(spec['args']))}",
+        ]
+    return "\n".join(out) + "\n"
+
+
+def hydra_config(dataset, name, row):
+    gpus = row["gpus"]
+    return {
+        "common": {"user_dir": "rmt_plugin", "log_format": "json", "log_interval": LOG_INTERVAL,
+                   "tensorboard_logdir": f"checkpoints/{dataset}/{name}/tb"},
+        "task": {"_name": "rmt_lm", "data": load_table(dataset)["data"], **row["task"]},
+        "model": {"_name": "rmt", **row["model"]},
+        "criterion": {"_name": "rmt_lm", **row["criterion"]},
+        "optimizer": row["optimizer"],
+        "lr_scheduler": row["lr_scheduler"],
+        "optimization": row["optimization"],
+        "dataset": {"batch_size": row["batch"] // gpus, "validate_interval_updates": VALIDATE_EVERY},
+        "distributed_training": {"distributed_world_size": gpus},
+        "checkpoint": {"save_dir": f"checkpoints/{dataset}/{name}", "no_epoch_checkpoints": True,
+                       "save_interval_updates": VALIDATE_EVERY, "keep_interval_updates": 1},
+    }
+
+
+def render_config(dataset, table, name, row):
+    note = f" ({row['note']})" if row.get("note") else ""
+    head = [
+        "# @package _group_",
+        f"# {table['title']}, {row['title']}: the RMT paper's {table['metric']} {row['paper']}{note}.",
+        "# " + GENERATED.format(dir=dataset),
+        f"# fairseq-hydra-train --config-dir examples/{dataset}/configs --config-name {name} task.data=DATA",
+        f"# ({row['gpus']} GPUs x {row['batch'] // row['gpus']} streams; on G GPUs set "
+        "distributed_training.distributed_world_size=G",
+        f"#  dataset.batch_size={row['batch']}/G). Evaluate with the fairseq-eval-lm lines of {name}.sh.",
+    ]
+    body = yaml.safe_dump(hydra_config(dataset, name, row), sort_keys=False, default_flow_style=False, width=100)
+    return "\n".join(head) + "\n" + body
+
+
+def render_readme(dataset, table, rows):
+    out = [
+        f"# {table['title']}: the RMT paper's rows as fairseq recipes",
+        "",
+        f"<!-- {GENERATED.format(dir=dataset)} -->",
+        "",
+        f"One recipe per row of the paper's {table['title']} table (Bulatov et al., NeurIPS 2022,"
+        f" {table['metric']}). Each `<row>.sh` prepares the data (`{table['prepare'][0]}`), trains with the stock",
+        "`fairseq-train` and evaluates with `fairseq-eval-lm` in the paper's setting (the test set with the",
+        "training segment length and memory; `Loss (base 2)` is bits per character on enwik8) and, where",
+        "given, a published evaluation setting. `configs/<row>.yaml` is the same training run for",
+        "`fairseq-hydra-train`. Common to every row: Adam (0.9, 0.999), lr 2.5e-4, cosine schedule without",
+        "warm-up, gradient clipping 0.25, dropout 0.1, no attention dropout, post-LayerNorm, relative",
+        "attention, tied weights, same_length and clamp_len off, BPTT as in the paper's code",
+        "(`--bptt-mode sliding`, one segment per stream and update). The architecture values are set",
+        "explicitly by the named `--arch`, so they stay the paper's whatever the plugin's defaults.",
+        "",
+        "```bash",
+        f"RAW=path/to/{table['raw']} GPUS=4 bash examples/{dataset}/{next(iter(rows))}.sh",
+        f"fairseq-hydra-train --config-dir examples/{dataset}/configs --config-name {next(iter(rows))} "
+        f"task.data={table['data']}",
+        "```",
+        "",
+        f"| row | paper | `--arch` + memory | BPTT | segment | GPUs × batch | steps | recipe |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        memory = " ".join(flags(row["model"], keys=MEMORY_FIELDS))
+        extra = "; ".join(
+            f"{spec['title']}: {spec['paper']}" for key, spec in row["evals"].items() if key != "paper"
+        )
+        paper = f"{row['paper']}" + (f" ({row['note']})" if row.get("note") else "") + (f"; {extra}" if extra else "")
+        aux = row["criterion"]["memory_token_loss_weight"]
+        bptt = f"{row['criterion']['bptt_depth']}" + (f", memory-token loss {aux}" if aux else "")
+        out.append(
+            f"| {row['title']} | {paper} | `{row['arch']}` `{memory}` | {bptt} | {row['task']['tokens_per_sample']} "
+            f"| {row['gpus']} × {row['batch'] // row['gpus']} | {row['optimization']['max_update']:,} "
+            f"| [`{name}.sh`]({name}.sh), [yaml](configs/{name}.yaml) |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def rendered_files():
+    """{path: text} of every file rendered from the tables."""
+    files = {}
+    for dataset in DATASETS:
+        table, rows = load_table(dataset), recipes(dataset)
+        for name, row in rows.items():
+            files[EXAMPLES / dataset / f"{name}.sh"] = render_script(dataset, table, name, row)
+            files[EXAMPLES / dataset / "configs" / f"{name}.yaml"] = render_config(dataset, table, name, row)
+        files[EXAMPLES / dataset / "README.md"] = render_readme(dataset, table, rows)
+    return files
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only check that the files are up to date")
+    args = parser.parse_args(argv)
+    stale = []
+    for path, text in rendered_files().items():
+        if path.is_file() and path.read_text() == text:
+            continue
+        stale.append(path)
+        if not args.check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            path.chmod(0o755 if path.suffix == ".sh" else 0o644)
+    if args.check and stale:
+        sys.exit("error: out of date with their recipes.yaml (run python examples/make_recipes.py): "
+                 + ", ".join(str(p.relative_to(EXAMPLES.parent)) for p in stale))
+    for path in stale if not args.check else []:
+        print(f"wrote {path.relative_to(EXAMPLES.parent)}")
+
+
+if __name__ == "__main__":
+    main()
