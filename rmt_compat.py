@@ -24,6 +24,17 @@ What is restored, and why (see also docs in the project README):
    both are fixed inside hydra's own modules.
 4. ``--user-dir NAME`` also accepts an installed package name (e.g. ``--user-dir rmt_plugin``
    from any directory), not only a path.
+5. fairseq 0.12.2 bugs that break long runs (fixed for every task, not only ours):
+
+   - the task state is saved in checkpoints (``task_state``) but never restored on resume: it is
+     now also handed back through ``extra_state`` (the same object, pickled once) and given to
+     ``task.load_state_dict`` on every rank, unless ``--reset-dataloader`` starts the data over;
+   - only the saving rank builds the checkpoint state, so a task cannot gather the other
+     data-parallel ranks' state: every rank now builds it at each save;
+   - ``checkpoint_last.pt`` / ``checkpoint_best.pt`` were copied in place, so a kill during the
+     copy left a truncated file that the rerun dies on: copies now go to a temporary file that
+     replaces the target atomically, and a rerun whose last checkpoint is unreadable falls back
+     to the newest intact one (one line names both) and removes stray ``*.pt.tmp`` files.
 """
 
 import importlib.machinery
@@ -179,6 +190,100 @@ def _fix_fairseq_utils(module):
     module.import_user_module = import_user_module
 
 
+# ---------------------------------------------------------------- 5. long-run fixes
+def _fix_fairseq_trainer(module):
+    Trainer = module.Trainer
+    stock_state_dict, stock_load = Trainer.state_dict, Trainer.load_checkpoint
+    stock_always_call = Trainer.always_call_state_dict_during_save_checkpoint
+
+    def state_dict(self):
+        state = stock_state_dict(self)
+        # load_checkpoint returns only extra_state (on every rank): a reference there, not a copy
+        state["extra_state"]["task_state"] = state["task_state"]
+        return state
+
+    def load_checkpoint(self, filename, *args, **kwargs):
+        extra_state = stock_load(self, filename, *args, **kwargs)
+        task_state = (extra_state or {}).pop("task_state", None)
+        if task_state and self.task is not None and not self.cfg.checkpoint.reset_dataloader:
+            self.task.load_state_dict(task_state)
+        return extra_state
+
+    def always_call_state_dict_during_save_checkpoint(self):
+        # the task state may gather from every data-parallel rank
+        return stock_always_call.fget(self) or self.data_parallel_world_size > 1
+
+    Trainer.state_dict = state_dict
+    Trainer.load_checkpoint = load_checkpoint
+    Trainer.always_call_state_dict_during_save_checkpoint = property(always_call_state_dict_during_save_checkpoint)
+
+
+def _atomic_copy(stock_copy):
+    def copy(src_path, dst_path, overwrite=False):
+        """Copy through ``dst_path + '.tmp'`` and an atomic rename: a kill leaves the old file."""
+        if not (overwrite and os.path.isfile(src_path)):
+            return stock_copy(src_path, dst_path, overwrite)
+        import shutil
+
+        tmp = dst_path + ".tmp"
+        shutil.copyfile(src_path, tmp)
+        os.replace(tmp, dst_path)
+        return True
+
+    return copy
+
+
+def _fix_fairseq_checkpoint_utils(module):
+    from fairseq.file_io import PathManager
+
+    PathManager.copy = staticmethod(_atomic_copy(PathManager.copy))
+    stock_load = module.load_checkpoint
+
+    def load_checkpoint(cfg, trainer, **passthrough_args):
+        if trainer.data_parallel_rank == 0 and not cfg.no_save:
+            _repair_last_checkpoint(cfg.save_dir, module)
+        return stock_load(cfg, trainer, **passthrough_args)
+
+    module.load_checkpoint = load_checkpoint
+
+
+def _readable_checkpoint(path):
+    """Whether ``path`` is a complete torch zip archive (every member's CRC checked)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _repair_last_checkpoint(save_dir, checkpoint_utils):
+    """Remove stray ``*.pt.tmp`` files; replace an unreadable ``checkpoint_last.pt`` by the newest
+    intact checkpoint (by modification time). Example: ``checkpoint_last.pt`` cut at 3 of 41 MB
+    while ``checkpoint_1_200.pt`` is whole: the latter is copied over it and training goes on."""
+    if not os.path.isdir(save_dir):
+        return
+    import logging
+
+    logger = logging.getLogger("rmt_compat")
+    names = os.listdir(save_dir)
+    for name in names:
+        if name.endswith(".pt.tmp"):
+            os.remove(os.path.join(save_dir, name))
+    last = os.path.join(save_dir, "checkpoint_last.pt")
+    if not os.path.isfile(last) or _readable_checkpoint(last):
+        return
+    candidates = sorted((os.path.join(save_dir, n) for n in names if n.endswith(".pt") and n.startswith("checkpoint")
+                         and n != "checkpoint_last.pt"), key=os.path.getmtime, reverse=True)
+    intact = next((path for path in candidates if _readable_checkpoint(path)), None)
+    if intact is None:
+        raise RuntimeError(f"{last} is unreadable (truncated?) and {save_dir} holds no intact checkpoint: "
+                           "remove it to start from scratch")
+    logger.warning(f"{last} is unreadable (truncated?): resuming from {intact}, the newest intact checkpoint")
+    checkpoint_utils.PathManager.copy(intact, last, overwrite=True)
+
+
 # ---------------------------------------------------------------- import hook
 def _after_dataclasses(module):
     _patch_dataclass_defaults()
@@ -197,6 +302,8 @@ _POST_IMPORT_FIXES = {
     "hydra.core.plugins": _fix_hydra_plugins,
     "hydra._internal.utils": _fix_hydra_utils,
     "fairseq.utils": _fix_fairseq_utils,
+    "fairseq.trainer": _fix_fairseq_trainer,
+    "fairseq.checkpoint_utils": _fix_fairseq_checkpoint_utils,
 }
 
 

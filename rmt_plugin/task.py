@@ -16,9 +16,10 @@ Memory. Each collated sample carries ``sample["stream"] = {"split": name, "index
 "batches": n}``. The task keeps, per (train|valid, split), the batch index it expects next and
 the memory state the criterion returned for the previous batch. Batch 0 starts from fresh
 memory, so every epoch and every validation pass starts fresh, and training and validation
-states never touch (even when validating on the training split). Any other unexpected index (a
-run resumed mid-epoch, a batch lost to an OOM) also starts fresh, with a warning: memory is not
-saved in checkpoints. ``fairseq-eval-lm`` bypasses the task's steps and calls the model
+states never touch (even when validating on the training split). Checkpoints carry every rank's
+training cursors, so a run resumed mid-epoch continues with the memory it had (see
+:mod:`rmt_plugin.resume`). Any other unexpected index (a batch lost to an OOM) starts fresh, with
+a warning. ``fairseq-eval-lm`` bypasses the task's steps and calls the model
 directly, so its batches instead share one :class:`StreamHandle` in ``net_input["stream"]``
 that the model reads and updates.
 """
@@ -39,6 +40,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from .criterion import ChecksCriterionAgainstModel
+from .resume import carried_from_plain, carried_to_plain, check_layout, data_parallel_rank_and_size, gather_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +168,12 @@ class _Cursor(NamedTuple):
     state: Any
 
 
+class _Saved(NamedTuple):
+    """A cursor's state as read from a checkpoint; made a criterion state on the device at first use."""
+
+    plain: Any
+
+
 @register_task("rmt_lm", dataclass=RMTLMConfig)
 class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
     def __init__(self, cfg: RMTLMConfig):
@@ -181,6 +189,7 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         self.dictionary = Dictionary.load(dict_path)
         logger.info(f"dictionary: {len(self.dictionary)} types")
         self._cursors: Dict[Tuple[str, str], _Cursor] = {}
+        self._saved_layout: Optional[Dict[str, Any]] = None  # of the cursors a checkpoint restored
 
     @property
     def source_dictionary(self):
@@ -217,6 +226,7 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         ``num_shards``/``shard_id``, which is what gives every rank its own streams.
         """
         _check_batch_size(max_sentences)
+        self._check_saved_layout(dataset, max_sentences, num_shards)
         batches = StreamBatches(
             dataset, max_sentences, num_shards, shard_id,
             width=self.cfg.tokens_per_sample * self.cfg.segments_per_sample,
@@ -279,8 +289,10 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         expected = cursor.next_index if cursor is not None else 0
         if index != expected:
             logger.warning(f"{role} batch {index} of split '{split}' arrived where batch "
-                           f"{expected} was expected (resumed run?): starting from fresh memory")
+                           f"{expected} was expected: starting from fresh memory")
             return None
+        if isinstance(cursor.state, _Saved):
+            return carried_from_plain(cursor.state.plain, sample["target"].device)
         return cursor.state
 
     def _remember(self, role: str, sample, next_state: Any):
@@ -292,6 +304,42 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
             # Nothing follows the last batch: free its memory (a Transformer-XL cache can be
             # large) instead of holding it through validation or the next epoch.
             self._cursors.pop(key, None)
+
+    def state_dict(self):
+        """Every rank's training cursors, for an exact resume (see :mod:`rmt_plugin.resume`).
+
+        Called on every data-parallel rank at each checkpoint save; the result is the same on all.
+        """
+        local = {split: {"next_index": cursor.next_index, "state": _plain_state(cursor.state)}
+                 for (role, split), cursor in self._cursors.items() if role == "train"}
+        return {"layout": self._layout(self.cfg.batch_size, data_parallel_rank_and_size()[1]),
+                "ranks": gather_ranks(local)}
+
+    def load_state_dict(self, state_dict):
+        """Take back this rank's training cursors from a checkpoint's :meth:`state_dict`."""
+        if not state_dict.get("ranks"):
+            return
+        rank, _ = data_parallel_rank_and_size()
+        own = state_dict["ranks"][rank] if rank < len(state_dict["ranks"]) else {}
+        for split, cursor in own.items():
+            self._cursors[("train", split)] = _Cursor(cursor["next_index"], _Saved(cursor["state"]))
+        self._saved_layout = state_dict["layout"]
+
+    def _layout(self, batch_size, world_size):
+        return {
+            "tokens_per_sample": self.cfg.tokens_per_sample,
+            "segments_per_sample": self.cfg.segments_per_sample,
+            "batch_size": batch_size,
+            "world_size": world_size,
+            "split_tokens": {split: len(dataset) for split, dataset in self.datasets.items()},
+        }
+
+    def _check_saved_layout(self, dataset, batch_size, num_shards):
+        """Refuse restored cursors of ``dataset`` that belong to other streams (checked once, when
+        fairseq builds the training iterator right after loading the checkpoint)."""
+        saved, self._saved_layout = self._saved_layout, None
+        if saved is not None and ("train", dataset.split) in self._cursors:
+            check_layout(saved, self._layout(batch_size, num_shards), dataset.split)
 
     @staticmethod
     def _iterator(batches, num_workers, epoch, data_buffer_size, skip_remainder_batch=False):
@@ -305,6 +353,10 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
             disable_shuffling=True,
             skip_remainder_batch=skip_remainder_batch,
         )
+
+
+def _plain_state(state):
+    return state.plain if isinstance(state, _Saved) else carried_to_plain(state)
 
 
 def _check_positive(value, flag):
