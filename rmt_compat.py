@@ -34,7 +34,15 @@ What is restored, and why (see also docs in the project README):
    - ``checkpoint_last.pt`` / ``checkpoint_best.pt`` were copied in place, so a kill during the
      copy left a truncated file that the rerun dies on: copies now go to a temporary file that
      replaces the target atomically, and a rerun whose last checkpoint is unreadable falls back
-     to the newest intact one (one line names both) and removes stray ``*.pt.tmp`` files.
+     to the newest intact one (one line names both) and removes stray ``*.pt.tmp`` files;
+   - data parallel on the CPU: ``--distributed-world-size N --cpu`` asserted N GPUs, and with
+     ``torchrun`` the default nccl backend and DDP's ``device_ids`` need GPUs. On the CPU the
+     backend is now gloo, ``fairseq-train`` spawns N local processes (on ``--distributed-port``
+     when given, outside SLURM) and DDP gets no device ids; a model that runs several forwards
+     per backward (``several_forwards_per_backward``, e.g. RMT's segments) gets fairseq's
+     legacy_ddp, which reduces the gradients after the backward, whatever ``--ddp-backend`` says;
+     resuming with several ranks failed in ``broadcast_object`` (torch >= 2.6 loads with
+     ``weights_only=True``; the bytes come from rank 0 of the same job and hold omegaconf objects).
 """
 
 import importlib.machinery
@@ -284,6 +292,83 @@ def _repair_last_checkpoint(save_dir, checkpoint_utils):
     checkpoint_utils.PathManager.copy(intact, last, overwrite=True)
 
 
+def _fix_fairseq_distributed_utils(module):
+    stock_call_main = module.call_main
+
+    def call_main(cfg, main, **kwargs):
+        import torch
+
+        dist = cfg.distributed_training
+        torchrun = all(key in os.environ for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"))
+        on_cpu = cfg.common.cpu or not torch.cuda.is_available()
+        if not on_cpu or not (dist.distributed_world_size > 1 or torchrun):
+            return stock_call_main(cfg, main, **kwargs)
+        if dist.distributed_backend == "nccl":
+            dist.distributed_backend = "gloo"  # nccl needs GPUs
+        slurm = "SLURM_JOB_NODELIST" in os.environ or "SLURM_STEP_NODELIST" in os.environ
+        if torchrun or slurm or dist.distributed_init_method is not None:
+            return stock_call_main(cfg, main, **kwargs)
+        # fairseq spawns one process per GPU; on the CPU, one per rank of this machine
+        port = dist.distributed_port if dist.distributed_port > 0 else _free_port()
+        dist.distributed_init_method = f"tcp://localhost:{port}"
+        kwargs["start_rank"], dist.distributed_rank = dist.distributed_rank, None
+        torch.multiprocessing.spawn(fn=module.distributed_main, args=(main, cfg, kwargs),
+                                    nprocs=dist.distributed_world_size, join=True)
+
+    module.call_main = call_main
+    # broadcast_object unpickles what rank 0 of this job pickled (the checkpoint state, with
+    # omegaconf objects); torch >= 2.6 refuses those by default (weights_only=True)
+    module.torch = _TorchLoadingOwnObjects(module.torch)
+
+
+class _TorchLoadingOwnObjects:
+    """``torch`` for fairseq.distributed.utils, whose only ``torch.load`` reads another rank's bytes."""
+
+    def __init__(self, torch):
+        self._torch = torch
+
+    def load(self, *args, **kwargs):
+        kwargs.setdefault("weights_only", False)
+        return self._torch.load(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._torch, name)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def _fix_fairseq_distributed_model(module):
+    stock_ddp, stock_wrap = module.DistributedDataParallel, module.DistributedFairseqModel
+
+    def DistributedFairseqModel(args, model, process_group, device):
+        # torch's DDP needs exactly one forward per backward; legacy_ddp reduces after the backward
+        if args.ddp_backend in {"c10d", "pytorch_ddp"} and getattr(model, "several_forwards_per_backward", False):
+            import logging
+
+            logging.getLogger("rmt_compat").info(
+                f"--ddp-backend {args.ddp_backend}: {type(model).__name__} runs several forwards per "
+                "backward, using legacy_ddp (gradients reduced after the backward)")
+            args.ddp_backend = "legacy_ddp"
+        return stock_wrap(args, model, process_group, device)
+
+    class DistributedDataParallel(stock_ddp):
+        """torch's DDP, without the device ids fairseq passes for a model on the CPU."""
+
+        def __init__(self, module, device_ids=None, output_device=None, **kwargs):
+            if all(p.device.type == "cpu" for p in module.parameters()):
+                device_ids = output_device = None
+            super().__init__(module, device_ids=device_ids, output_device=output_device, **kwargs)
+
+    module.DistributedDataParallel = DistributedDataParallel
+    module.DistributedFairseqModel = DistributedFairseqModel
+
+
 # ---------------------------------------------------------------- import hook
 def _after_dataclasses(module):
     _patch_dataclass_defaults()
@@ -304,6 +389,8 @@ _POST_IMPORT_FIXES = {
     "fairseq.utils": _fix_fairseq_utils,
     "fairseq.trainer": _fix_fairseq_trainer,
     "fairseq.checkpoint_utils": _fix_fairseq_checkpoint_utils,
+    "fairseq.distributed.utils": _fix_fairseq_distributed_utils,
+    "fairseq.models.distributed_fairseq_model": _fix_fairseq_distributed_model,
 }
 
 

@@ -67,8 +67,14 @@ def carried_to_plain(carried: Optional[CarriedState]) -> Optional[dict]:
         return None
     return {
         "model_state": _model_state_to_plain(carried.model_state),
-        "history": [[tokens.detach().cpu(), _model_state_to_plain(state)] for tokens, state in carried.history],
+        "history": [[_compact(tokens), _model_state_to_plain(state)] for tokens, state in carried.history],
     }
+
+
+def _compact(tensor):
+    """A contiguous CPU copy of its own: the memory is a slice of the last hidden states, and a view
+    would save their whole storage and be garbled by fairseq's broadcast to the other ranks."""
+    return tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
 
 
 def carried_from_plain(plain: Optional[dict], device) -> Optional[CarriedState]:
@@ -83,8 +89,8 @@ def _model_state_to_plain(state: Optional[RMTState]) -> Optional[dict]:
     if state is None:
         return None
     return {
-        "memory": None if state.memory is None else state.memory.detach().cpu(),
-        "cache": None if state.cache is None else [h.detach().cpu() for h in state.cache],
+        "memory": None if state.memory is None else _compact(state.memory),
+        "cache": None if state.cache is None else [_compact(h) for h in state.cache],
     }
 
 
