@@ -42,7 +42,11 @@ What is restored, and why (see also docs in the project README):
      per backward (``several_forwards_per_backward``, e.g. RMT's segments) gets fairseq's
      legacy_ddp, which reduces the gradients after the backward, whatever ``--ddp-backend`` says;
      resuming with several ranks failed in ``broadcast_object`` (torch >= 2.6 loads with
-     ``weights_only=True``; the bytes come from rank 0 of the same job and hold omegaconf objects).
+     ``weights_only=True``; the bytes come from rank 0 of the same job and hold omegaconf objects);
+   - an ``--arch`` whose config interpolates a key the ``--task`` lacks (``--task rmt_lm --arch
+     transformer_lm``: ``task.max_target_positions``) died in omegaconf; now one line names both;
+   - unknown keys in ``--model-overrides`` (e.g. ``mem_lne``) were silently ignored; now an error
+     names them.
 """
 
 import importlib.machinery
@@ -253,6 +257,33 @@ def _fix_fairseq_checkpoint_utils(module):
         return stock_load(cfg, trainer, **passthrough_args)
 
     module.load_checkpoint = load_checkpoint
+    stock_overwrite = module.overwrite_args_by_name
+
+    def overwrite_args_by_name(cfg, overrides):
+        unknown = sorted(set(overrides) - _config_keys(cfg))
+        if unknown:
+            raise ValueError(f"--model-overrides: {', '.join(map(repr, unknown))} not in the checkpoint's "
+                             "configuration (a typo?)")
+        return stock_overwrite(cfg, overrides)
+
+    module.overwrite_args_by_name = overwrite_args_by_name
+
+
+def _config_keys(cfg):
+    """Every key at every level of a checkpoint's configuration (as overrides match them)."""
+    from argparse import Namespace
+
+    from omegaconf import DictConfig
+
+    if isinstance(cfg, Namespace):
+        return set(vars(cfg))
+    keys = set()
+    for key in cfg.keys():
+        keys.add(key)
+        value = cfg._get_node(key)
+        if isinstance(value, (DictConfig, Namespace)) or isinstance(getattr(value, "_val", None), Namespace):
+            keys |= _config_keys(cfg[key])
+    return keys
 
 
 def _readable_checkpoint(path):
@@ -369,6 +400,25 @@ def _fix_fairseq_distributed_model(module):
     module.DistributedFairseqModel = DistributedFairseqModel
 
 
+def _fix_fairseq_dataclass_utils(module):
+    stock_convert = module.convert_namespace_to_omegaconf
+
+    def convert_namespace_to_omegaconf(args):
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            return stock_convert(args)
+        except OmegaConfBaseException as e:
+            key = str(e).partition("interpolation key '")[2].partition("'")[0]
+            if not key:
+                raise
+            raise ValueError(f"--arch {getattr(args, 'arch', None)} reads '{key}', which --task "
+                             f"{getattr(args, 'task', None)} does not have: pick an architecture made for "
+                             "that task") from None
+
+    module.convert_namespace_to_omegaconf = convert_namespace_to_omegaconf
+
+
 # ---------------------------------------------------------------- import hook
 def _after_dataclasses(module):
     _patch_dataclass_defaults()
@@ -387,6 +437,7 @@ _POST_IMPORT_FIXES = {
     "hydra.core.plugins": _fix_hydra_plugins,
     "hydra._internal.utils": _fix_hydra_utils,
     "fairseq.utils": _fix_fairseq_utils,
+    "fairseq.dataclass.utils": _fix_fairseq_dataclass_utils,
     "fairseq.trainer": _fix_fairseq_trainer,
     "fairseq.checkpoint_utils": _fix_fairseq_checkpoint_utils,
     "fairseq.distributed.utils": _fix_fairseq_distributed_utils,

@@ -111,6 +111,9 @@ class ChecksCriterionAgainstModel:
 class RMTLMCriterion(FairseqCriterion):
     def __init__(self, task, bptt_depth=1, bptt_mode="chunk", report_accuracy=False, aux_memory_loss_weight=0.0):
         super().__init__(task)
+        if not isinstance(task, ChecksCriterionAgainstModel):
+            raise ValueError(f"--criterion rmt_lm unrolls segments with carried memory and needs --task rmt_lm or "
+                             f"rmt_memory, not --task {type(task).__name__}")
         if bptt_depth < 0:
             raise ValueError(f"--bptt-depth must be >= 0, got {bptt_depth}")
         if not aux_memory_loss_weight >= 0:  # also rejects NaN

@@ -40,6 +40,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from .criterion import ChecksCriterionAgainstModel
+from .model import RMTLanguageModel
 from .resume import carried_from_plain, carried_to_plain, check_layout, data_parallel_rank_and_size, gather_ranks
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class RMTLMConfig(FairseqDataclass):
     )
     # Only read to fail early: the number of streams is the iterator's batch size.
     batch_size: Optional[int] = II("dataset.batch_size")
+    batch_size_valid: Optional[int] = II("dataset.batch_size_valid")
+    valid_subset: str = II("dataset.valid_subset")
 
 
 class StreamHandle:
@@ -120,12 +123,8 @@ class StreamBatches(FairseqDataset):
                  width: int, handle: Optional[StreamHandle] = None):
         split = stream.split
         n_streams = batch_size * num_shards
+        _check_streams(stream, batch_size, num_shards)
         self.stream_len = len(stream) // n_streams
-        if self.stream_len == 0:
-            raise ValueError(
-                f"split '{split}' has {len(stream)} tokens, fewer than the {n_streams} streams "
-                f"asked for (--batch-size {batch_size} x {num_shards} data-parallel ranks)"
-            )
         logger.info(
             f"{split}: {n_streams} streams of {self.stream_len} tokens, {batch_size} on rank "
             f"{shard_id}; {len(stream) - n_streams * self.stream_len} tail tokens dropped"
@@ -202,10 +201,21 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         paths = utils.split_paths(self.cfg.data)
         split_path = os.path.join(paths[(epoch - 1) % len(paths)], split)
+        if os.path.isfile(split_path + ".bin") and os.path.getsize(split_path + ".bin") == 0:
+            raise ValueError(f"--task rmt_lm: split '{split}' is empty ({split_path}.bin has no tokens)")
         lines = data_utils.load_indexed_dataset(split_path, self.dictionary, combine=combine)
         if lines is None:
             raise FileNotFoundError(f"--task rmt_lm: split '{split}' not found at {split_path}")
         self.datasets[split] = TokenStream(lines, self.dictionary.eos(), split)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        from fairseq.models import ARCH_MODEL_REGISTRY
+
+        model_class = ARCH_MODEL_REGISTRY.get(getattr(cfg, "arch", None) or getattr(cfg, "_name", None))
+        if model_class is not None and not issubclass(model_class, RMTLanguageModel):
+            raise ValueError(f"--task rmt_lm carries memory between segments and needs an rmt, rmt_* or "
+                             f"transformer_xl_* --arch, not --arch {cfg._name}")
+        return super().build_model(cfg, from_checkpoint)
 
     def build_criterion(self, cfg):
         criterion = super().build_criterion(cfg)
@@ -227,6 +237,7 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         """
         _check_batch_size(max_sentences)
         self._check_saved_layout(dataset, max_sentences, num_shards)
+        self._check_valid_splits(num_shards)
         batches = StreamBatches(
             dataset, max_sentences, num_shards, shard_id,
             width=self.cfg.tokens_per_sample * self.cfg.segments_per_sample,
@@ -325,6 +336,14 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
             self._cursors[("train", split)] = _Cursor(cursor["next_index"], _Saved(cursor["state"]))
         self._saved_layout = state_dict["layout"]
 
+    def _check_valid_splits(self, num_shards):
+        """fairseq loads the validation splits at start-up but batches them only at the first
+        validation, after a whole epoch of training: check their streams with the training's."""
+        batch_size = self.cfg.batch_size_valid if isinstance(self.cfg.batch_size_valid, int) else self.cfg.batch_size
+        for split in str(self.cfg.valid_subset).split(","):
+            if split in self.datasets:
+                _check_streams(self.datasets[split], batch_size, num_shards, "--batch-size-valid")
+
     def _layout(self, batch_size, world_size):
         return {
             "tokens_per_sample": self.cfg.tokens_per_sample,
@@ -352,6 +371,14 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
             buffer_size=data_buffer_size,
             disable_shuffling=True,
             skip_remainder_batch=skip_remainder_batch,
+        )
+
+
+def _check_streams(stream: TokenStream, batch_size, num_shards, flag="--batch-size"):
+    if len(stream) < batch_size * num_shards:
+        raise ValueError(
+            f"split '{stream.split}' has {len(stream)} tokens, fewer than the {batch_size * num_shards} streams "
+            f"asked for ({flag} {batch_size} x {num_shards} data-parallel ranks)"
         )
 
 

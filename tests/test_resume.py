@@ -33,25 +33,6 @@ VARIANTS = {  # every kind of state the criterion carries between batches
 }
 
 
-def write_corpus(path, n_lines, seed):
-    g = torch.Generator().manual_seed(seed)
-    with open(path, "w") as f:
-        for _ in range(n_lines):
-            length = int(torch.randint(3, 12, (1,), generator=g))
-            f.write(" ".join(f"w{int(k)}" for k in torch.randint(0, 20, (length,), generator=g)) + "\n")
-
-
-@pytest.fixture(scope="module")
-def data_bin(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for split, n_lines, seed in [("train", 200, 0), ("valid", 20, 1)]:
-        write_corpus(root / f"{split}.txt", n_lines, seed)
-    subprocess.run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", "train.txt",
-                    "--validpref", "valid.txt", "--destdir", "bin", "--workers", "1"],
-                   cwd=root, env=ENV, check=True, capture_output=True)
-    return root / "bin"
-
-
 def train_command(data_bin, save_dir, *extra):
     # 1573 tokens: 4 streams (8 with 2 ranks), 13 (7) batches per epoch, so update 5 is mid-epoch
     return [str(BIN / "fairseq-train"), str(data_bin), "--user-dir", "rmt_plugin", "--task", "rmt_lm",
@@ -94,12 +75,12 @@ def final_weights(save_dir):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_killed_run_resumes_exactly(data_bin, tmp_path, variant):
+def test_killed_run_resumes_exactly(tiny_data_bin, tmp_path, variant):
     extra = VARIANTS[variant]
-    reference = per_update_losses(run(train_command(data_bin, tmp_path / "reference", *extra)))
+    reference = per_update_losses(run(train_command(tiny_data_bin, tmp_path / "reference", *extra)))
     assert sorted(reference) == list(range(1, 21))
 
-    interrupted = train_command(data_bin, tmp_path / "interrupted", *extra)
+    interrupted = train_command(tiny_data_bin, tmp_path / "interrupted", *extra)
     run_and_kill(interrupted, lambda line: "Saved checkpoint" in line and "@ 5 updates" in line)
     resumed_log = run(interrupted)
     assert "Loaded checkpoint" in resumed_log and "(epoch 1 @ 5 updates)" in resumed_log
@@ -119,13 +100,13 @@ def readable(path):
         return False
 
 
-def test_kills_during_saves_never_leave_an_unreadable_last_checkpoint(data_bin, tmp_path):
+def test_kills_during_saves_never_leave_an_unreadable_last_checkpoint(tiny_data_bin, tmp_path):
     # 29 MB checkpoints (model + Adam state), one per update, no validation (so no
     # checkpoint_best.pt). Each run is a rerun of the previous one, killed 0-10 ms after its
     # numbered checkpoint is written, i.e. while it is copied to checkpoint_last.pt, where
     # fairseq's stock copy left a truncated file
     save_dir = tmp_path / "checkpoints"
-    cmd = train_command(data_bin, save_dir, "--arch", "rmt_tiny", "--num-mem-tokens", "4", "--n-layer", "4",
+    cmd = train_command(tiny_data_bin, save_dir, "--arch", "rmt_tiny", "--num-mem-tokens", "4", "--n-layer", "4",
                         "--d-model", "256", "--d-inner", "1024", "--save-interval-updates", "1",
                         "--keep-interval-updates", "2", "--max-update", "12", "--disable-validation")
     run(cmd + ["--max-update", "2"])
@@ -139,9 +120,9 @@ def test_kills_during_saves_never_leave_an_unreadable_last_checkpoint(data_bin, 
     assert not list(save_dir.glob("*.tmp"))
 
 
-def test_unreadable_last_checkpoint_falls_back_to_the_newest_intact_one(data_bin, tmp_path):
+def test_unreadable_last_checkpoint_falls_back_to_the_newest_intact_one(tiny_data_bin, tmp_path):
     save_dir = tmp_path / "checkpoints"
-    cmd = train_command(data_bin, save_dir, "--arch", "rmt_tiny", "--num-mem-tokens", "4")
+    cmd = train_command(tiny_data_bin, save_dir, "--arch", "rmt_tiny", "--num-mem-tokens", "4")
     run(cmd + ["--max-update", "10"])
     last = save_dir / "checkpoint_last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])  # as a kill during a plain copy left it
@@ -154,11 +135,11 @@ def test_unreadable_last_checkpoint_falls_back_to_the_newest_intact_one(data_bin
     assert readable(last) and not list(save_dir.glob("*.tmp"))
 
 
-def test_unreadable_last_checkpoint_without_an_intact_one_stops_with_one_line(data_bin, tmp_path):
+def test_unreadable_last_checkpoint_without_an_intact_one_stops_with_one_line(tiny_data_bin, tmp_path):
     save_dir = tmp_path / "checkpoints"
     save_dir.mkdir()
     (save_dir / "checkpoint_last.pt").write_bytes(b"")
-    proc = subprocess.run(train_command(data_bin, save_dir, "--arch", "rmt_tiny"), capture_output=True,
+    proc = subprocess.run(train_command(tiny_data_bin, save_dir, "--arch", "rmt_tiny"), capture_output=True,
                           text=True, env=ENV, timeout=300)
     assert proc.returncode != 0
     assert f"{save_dir / 'checkpoint_last.pt'} is unreadable (truncated?) and {save_dir} holds no intact " \
