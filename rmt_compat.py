@@ -46,7 +46,9 @@ What is restored, and why (see also docs in the project README):
    - an ``--arch`` whose config interpolates a key the ``--task`` lacks (``--task rmt_lm --arch
      transformer_lm``: ``task.max_target_positions``) died in omegaconf; now one line names both;
    - unknown keys in ``--model-overrides`` (e.g. ``mem_lne``) were silently ignored; now an error
-     names them.
+     names them;
+   - ``--fp16``, ``--bf16`` and ``--amp`` on the CPU died inside the trainer; now one line says to
+     train in fp32 there.
 """
 
 import importlib.machinery
@@ -329,6 +331,7 @@ def _fix_fairseq_distributed_utils(module):
     def call_main(cfg, main, **kwargs):
         import torch
 
+        _check_precision_device(cfg)
         dist = cfg.distributed_training
         torchrun = all(key in os.environ for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"))
         on_cpu = cfg.common.cpu or not torch.cuda.is_available()
@@ -364,6 +367,24 @@ class _TorchLoadingOwnObjects:
 
     def __getattr__(self, name):
         return getattr(self._torch, name)
+
+
+def _check_precision_device(cfg):
+    """fairseq's --fp16/--bf16/--amp need a GPU (bf16 also a TPU); on the CPU they died deep inside
+    the trainer (``'NoneType' object has no attribute 'xla_device'``, ``Torch not compiled with
+    CUDA enabled``). Stop at start-up instead."""
+    import importlib.util
+
+    import torch
+
+    common = cfg.common
+    on_cpu = common.cpu or not torch.cuda.is_available()
+    tpu = common.tpu and importlib.util.find_spec("torch_xla") is not None  # fairseq sets tpu for --bf16
+    flags = [flag for flag, on in [("--fp16", common.fp16), ("--memory-efficient-fp16", common.memory_efficient_fp16),
+                                   ("--bf16", common.bf16), ("--memory-efficient-bf16", common.memory_efficient_bf16),
+                                   ("--amp", common.amp)] if on]
+    if on_cpu and not tpu and flags:
+        raise ValueError(f"{flags[0]} needs a GPU; on the CPU train in fp32 (drop {flags[0]})")
 
 
 def _free_port():

@@ -53,6 +53,9 @@ CATALOGUE = {
         "tiny", "fairseq-train", ["--task", "rmt_lm", "--arch", "lstm_lm", "--criterion", "rmt_lm"],
         "ValueError: --task rmt_lm carries memory between segments and needs an rmt, rmt_* or transformer_xl_* "
         "--arch, not --arch lstm_lm"),
+    "--bf16 on the CPU": (
+        "tiny", "fairseq-train", [*RMT, "--bf16"],
+        "ValueError: --bf16 needs a GPU; on the CPU train in fp32 (drop --bf16)"),
 }
 
 
