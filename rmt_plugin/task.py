@@ -165,6 +165,7 @@ class StreamBatches(FairseqDataset):
 class _Cursor(NamedTuple):
     next_index: int
     state: Any
+    previous: Any = None  # the state batch next_index - 1 started from, to re-run it
 
 
 class _Saved(NamedTuple):
@@ -269,6 +270,7 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         # A dummy batch (ignore_grad) only keeps a rank in step with the others: its forward
         # must not depend on the stream's memory, nor move it.
         state = None if ignore_grad else self._resume("train", sample)
+        sample["stream"]["update"] = update_num  # for the criterion's messages
         with torch.autograd.profiler.record_function("forward"):
             with torch.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):
                 loss, sample_size, logging_output, next_state = criterion.forward_with_state(
@@ -277,7 +279,7 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         if ignore_grad:
             loss *= 0
         else:
-            self._remember("train", sample, next_state)
+            self._remember("train", sample, next_state, state)
         with torch.autograd.profiler.record_function("backward"):
             optimizer.backward(loss)
         return loss, sample_size, logging_output
@@ -298,6 +300,10 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
             return None
         cursor = self._cursors.get((role, split))
         expected = cursor.next_index if cursor is not None else 0
+        if cursor is not None and index == expected - 1 and cursor.previous is not None:
+            # the same batch again: fairseq's NaN-detector re-run or an AMP overflow retry
+            logger.info(f"{role} batch {index} of split '{split}' again: from the memory it started with")
+            return cursor.previous
         if index != expected:
             logger.warning(f"{role} batch {index} of split '{split}' arrived where batch "
                            f"{expected} was expected: starting from fresh memory")
@@ -306,11 +312,11 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
             return carried_from_plain(cursor.state.plain, sample["target"].device)
         return cursor.state
 
-    def _remember(self, role: str, sample, next_state: Any):
+    def _remember(self, role: str, sample, next_state: Any, state: Any = None):
         stream = sample["stream"]
         key = (role, stream["split"])
         if stream["index"] + 1 < stream["batches"]:
-            self._cursors[key] = _Cursor(stream["index"] + 1, next_state)
+            self._cursors[key] = _Cursor(stream["index"] + 1, next_state, state)
         else:
             # Nothing follows the last batch: free its memory (a Transformer-XL cache can be
             # large) instead of holding it through validation or the next epoch.

@@ -356,3 +356,18 @@ def test_memory_stays_finite_and_close_to_fp32_under_bf16_autocast(mem_len):
     fp32, bf16 = last_memory(False), last_memory(True)
     assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
     assert (bf16 - fp32).norm() / fp32.norm() < 0.02
+
+
+# --------------------------------------------------------------------------- non-finite values
+def test_non_finite_loss_names_the_update_and_the_segment(caplog):
+    task = make_task()
+    model = make_model(task, num_mem_tokens=2)
+    segments = distinct_segments(3)
+    with torch.no_grad():  # a token that only segment 2 holds
+        model.decoder.embed_tokens.weight[segment_ids(1)[0]] = float("nan")
+    sample = {"net_input": {"src_tokens": torch.cat([t for t, _ in segments], dim=1)},
+              "target": torch.cat([y for _, y in segments], dim=1),
+              "stream": {"split": "train", "index": 3, "batches": 9, "update": 7}}
+    with caplog.at_level("WARNING"):
+        make_criterion(task, depth=1, mode="chunk").forward_with_state(model, sample, None)
+    assert "non-finite loss at update 7, train batch 3, segment 2 of 3" in caplog.text
