@@ -48,7 +48,9 @@ What is restored, and why (see also docs in the project README):
    - unknown keys in ``--model-overrides`` (e.g. ``mem_lne``) were silently ignored; now an error
      names them;
    - ``--fp16``, ``--bf16`` and ``--amp`` on the CPU died inside the trainer; now one line says to
-     train in fp32 there.
+     train in fp32 there;
+   - a run with ``--optimizer sgd`` (its config is saved as an ``argparse.Namespace``) could not
+     resume under torch >= 2.6 (``weights_only`` loading): ``Namespace`` is allowed when loading.
 """
 
 import importlib.machinery
@@ -269,6 +271,19 @@ def _fix_fairseq_checkpoint_utils(module):
         return stock_overwrite(cfg, overrides)
 
     module.overwrite_args_by_name = overwrite_args_by_name
+    stock_load_to_cpu = module.load_checkpoint_to_cpu
+
+    def load_checkpoint_to_cpu(*args, **kwargs):
+        # optimizers without a dataclass config (--optimizer sgd) save it as an argparse
+        # Namespace, which torch >= 2.6 refuses to load by default: such runs could not resume
+        import argparse
+
+        import torch
+
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return stock_load_to_cpu(*args, **kwargs)
+
+    module.load_checkpoint_to_cpu = load_checkpoint_to_cpu
 
 
 def _config_keys(cfg):
