@@ -58,6 +58,7 @@ import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
@@ -112,6 +113,11 @@ class SegmentResult(NamedTuple):
     memory_only_output: Optional[tuple] = None  # the memory-only run: same memory, no cache
 
 
+def _memory_after(result: SegmentResult) -> Tensor:
+    memory = result.net_output[1]["state"].memory
+    return memory if memory is not None else result.net_output[0].new_zeros(())
+
+
 class ChecksCriterionAgainstModel:
     """Task mixin: fairseq builds the model, then the criterion; check that they fit together
     there, before any batch runs (an error inside a training step leaves a crash.pt behind)."""
@@ -134,6 +140,9 @@ class RMTLMCriterion(FairseqCriterion):
     def __init__(self, task, bptt_depth=1, bptt_mode="chunk", report_accuracy=False, memory_only_loss_weight=0.0,
                  memory_token_loss_weight=0.0):
         super().__init__(task)
+        if getattr(getattr(task, "cfg", None), "tokens_per_sample", None) is None:  # no segments to unroll
+            raise ValueError(f"--criterion rmt_lm unrolls segments with carried memory and needs --task rmt_lm or "
+                             f"rmt_memory, not --task {type(task).__name__}")
         if bptt_depth < 0:
             raise ValueError(f"--bptt-depth must be >= 0, got {bptt_depth}")
         for flag, weight in (("--memory-only-loss-weight", memory_only_loss_weight),
@@ -167,7 +176,9 @@ class RMTLMCriterion(FairseqCriterion):
         segments = [(t.contiguous(), y.contiguous()) for t, y in zip(
             tokens.split(self.segment_length, dim=1), sample["target"].split(self.segment_length, dim=1))]
         results, carried = self.unroll(model, segments, carried or CarriedState(None))
-        loss = sum(self.segment_loss(model, r.net_output, r.target) for r in results)
+        segment_losses = [self.segment_loss(model, r.net_output, r.target) for r in results]
+        self.warn_if_not_finite(segment_losses, results, sample)
+        loss = sum(segment_losses)
         sample_size = sample["target"].ne(self.padding_idx).sum().item()
         logging_output = {
             "loss": loss.data,
@@ -190,6 +201,20 @@ class RMTLMCriterion(FairseqCriterion):
         if self.report_accuracy:
             logging_output.update(self.accuracy_counts(model, results))
         return loss, sample_size, logging_output, carried
+
+    def warn_if_not_finite(self, segment_losses, results, sample):
+        """Name the first segment whose loss or next memory is NaN/inf. fairseq itself only sees
+        the gradients afterwards ("gradients are Nan/Inf") and re-runs the batch under its NaN
+        detector, from the same memory (see RMTLMTask._resume). One device sync per batch.
+        Example: ``non-finite memory at update 7, train batch 3, segment 2 of 3``."""
+        finite = [torch.isfinite(loss) & torch.isfinite(_memory_after(r)).all() for loss, r in zip(segment_losses, results)]
+        if bool(torch.stack(finite).all()):
+            return
+        j = next(j for j, ok in enumerate(finite) if not ok)
+        what = "loss" if not torch.isfinite(segment_losses[j]) else "memory"
+        stream = sample.get("stream", {})
+        logger.warning(f"non-finite {what} at update {stream.get('update')}, {stream.get('split')} batch "
+                       f"{stream.get('index')}, segment {j + 1} of {len(results)}")
 
     def check_model(self, num_mem_tokens: int, mem_len: int, memory_target_token: bool):
         """One-line error for flags that do not fit the model."""

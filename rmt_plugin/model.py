@@ -107,6 +107,10 @@ class RMTConfig(FairseqDataclass):
 class RMTLanguageModel(FairseqLanguageModel):
     """Decoder-only LM with RMT memory tokens and a Transformer-XL cache (see module docstring)."""
 
+    # The criterion calls the model once per segment before one backward, which torch's DDP
+    # forbids; the compat layer then reduces gradients after the backward (fairseq's legacy_ddp).
+    several_forwards_per_backward = True
+
     @classmethod
     def build_model(cls, cfg: RMTConfig, task):
         check_config(cfg, len(task.target_dictionary))

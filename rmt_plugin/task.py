@@ -16,9 +16,10 @@ Memory. Each collated sample carries ``sample["stream"] = {"split": name, "index
 "batches": n}``. The task keeps, per (train|valid, split), the batch index it expects next and
 the memory state the criterion returned for the previous batch. Batch 0 starts from fresh
 memory, so every epoch and every validation pass starts fresh, and training and validation
-states never touch (even when validating on the training split). Any other unexpected index (a
-run resumed mid-epoch, a batch lost to an OOM) also starts fresh, with a warning: memory is not
-saved in checkpoints. ``fairseq-eval-lm`` bypasses the task's steps and calls the model
+states never touch (even when validating on the training split). Checkpoints carry every rank's
+training cursors, so a run resumed mid-epoch continues with the memory it had (see
+:mod:`rmt_plugin.resume`). Any other unexpected index (a batch lost to an OOM) starts fresh, with
+a warning. ``fairseq-eval-lm`` bypasses the task's steps and calls the model
 directly, so its batches instead share one :class:`StreamHandle` in ``net_input["stream"]``
 that the model reads and updates.
 """
@@ -40,6 +41,8 @@ from omegaconf import II
 
 from .criterion import ChecksCriterionAgainstModel
 from .diagnostics import StreamDiagnostics, diagnose_batch
+from .model import RMTLanguageModel
+from .resume import carried_from_plain, carried_to_plain, check_layout, data_parallel_rank_and_size, gather_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,8 @@ class RMTLMConfig(FairseqDataclass):
     )
     # Only read to fail early: the number of streams is the iterator's batch size.
     batch_size: Optional[int] = II("dataset.batch_size")
+    batch_size_valid: Optional[int] = II("dataset.batch_size_valid")
+    valid_subset: str = II("dataset.valid_subset")
 
 
 class StreamHandle:
@@ -132,12 +137,8 @@ class StreamBatches(FairseqDataset):
                  width: int, handle: Optional[StreamHandle] = None):
         split = stream.split
         n_streams = batch_size * num_shards
+        _check_streams(stream, batch_size, num_shards)
         self.stream_len = len(stream) // n_streams
-        if self.stream_len == 0:
-            raise ValueError(
-                f"split '{split}' has {len(stream)} tokens, fewer than the {n_streams} streams "
-                f"asked for (--batch-size {batch_size} x {num_shards} data-parallel ranks)"
-            )
         logger.info(
             f"{split}: {n_streams} streams of {self.stream_len} tokens, {batch_size} on rank "
             f"{shard_id}; {len(stream) - n_streams * self.stream_len} tail tokens dropped"
@@ -180,6 +181,13 @@ class StreamBatches(FairseqDataset):
 class _Cursor(NamedTuple):
     next_index: int
     state: Any
+    previous: Any = None  # the state batch next_index - 1 started from, to re-run it
+
+
+class _Saved(NamedTuple):
+    """A cursor's state as read from a checkpoint; made a criterion state on the device at first use."""
+
+    plain: Any
 
 
 @register_task("rmt_lm", dataclass=RMTLMConfig)
@@ -197,6 +205,7 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         self.dictionary = Dictionary.load(dict_path)
         logger.info(f"dictionary: {len(self.dictionary)} types")
         self._cursors: Dict[Tuple[str, str], _Cursor] = {}
+        self._saved_layout: Optional[Dict[str, Any]] = None  # of the cursors a checkpoint restored
 
     @property
     def source_dictionary(self):
@@ -209,10 +218,21 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         paths = utils.split_paths(self.cfg.data)
         split_path = os.path.join(paths[(epoch - 1) % len(paths)], split)
+        if os.path.isfile(split_path + ".bin") and os.path.getsize(split_path + ".bin") == 0:
+            raise ValueError(f"--task rmt_lm: split '{split}' is empty ({split_path}.bin has no tokens)")
         lines = data_utils.load_indexed_dataset(split_path, self.dictionary, combine=combine)
         if lines is None:
             raise FileNotFoundError(f"--task rmt_lm: split '{split}' not found at {split_path}")
         self.datasets[split] = TokenStream(lines, self.dictionary.eos(), split)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        from fairseq.models import ARCH_MODEL_REGISTRY
+
+        model_class = ARCH_MODEL_REGISTRY.get(getattr(cfg, "arch", None) or getattr(cfg, "_name", None))
+        if model_class is not None and not issubclass(model_class, RMTLanguageModel):
+            raise ValueError(f"--task rmt_lm carries memory between segments and needs an rmt, rmt_* or "
+                             f"transformer_xl_* --arch, not --arch {cfg._name}")
+        return super().build_model(cfg, from_checkpoint)
 
     def build_criterion(self, cfg):
         criterion = super().build_criterion(cfg)
@@ -233,6 +253,8 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         ``num_shards``/``shard_id``, which is what gives every rank its own streams.
         """
         _check_batch_size(max_sentences)
+        self._check_saved_layout(dataset, max_sentences, num_shards)
+        self._check_valid_splits(num_shards)
         batches = StreamBatches(
             dataset, max_sentences, num_shards, shard_id,
             width=self.cfg.tokens_per_sample * self.cfg.segments_per_sample,
@@ -266,6 +288,7 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         # A dummy batch (ignore_grad) only keeps a rank in step with the others: its forward
         # must not depend on the stream's memory, nor move it.
         state = None if ignore_grad else self._resume("train", sample)
+        sample["stream"]["update"] = update_num  # for the criterion's messages
         with torch.autograd.profiler.record_function("forward"):
             with torch.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):
                 loss, sample_size, logging_output, next_state = criterion.forward_with_state(
@@ -274,7 +297,7 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         if ignore_grad:
             loss *= 0
         else:
-            self._remember("train", sample, next_state)
+            self._remember("train", sample, next_state, state)
         with torch.autograd.profiler.record_function("backward"):
             optimizer.backward(loss)
         return loss, sample_size, logging_output
@@ -299,21 +322,71 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
             return None
         cursor = self._cursors.get((role, split))
         expected = cursor.next_index if cursor is not None else 0
+        if cursor is not None and index == expected - 1 and cursor.previous is not None:
+            # the same batch again: fairseq's NaN-detector re-run or an AMP overflow retry
+            logger.info(f"{role} batch {index} of split '{split}' again: from the memory it started with")
+            return cursor.previous
         if index != expected:
             logger.warning(f"{role} batch {index} of split '{split}' arrived where batch "
-                           f"{expected} was expected (resumed run?): starting from fresh memory")
+                           f"{expected} was expected: starting from fresh memory")
             return None
+        if isinstance(cursor.state, _Saved):
+            return carried_from_plain(cursor.state.plain, sample["target"].device)
         return cursor.state
 
-    def _remember(self, role: str, sample, next_state: Any):
+    def _remember(self, role: str, sample, next_state: Any, state: Any = None):
         stream = sample["stream"]
         key = (role, stream["split"])
         if stream["index"] + 1 < stream["batches"]:
-            self._cursors[key] = _Cursor(stream["index"] + 1, next_state)
+            self._cursors[key] = _Cursor(stream["index"] + 1, next_state, state)
         else:
             # Nothing follows the last batch: free its memory (a Transformer-XL cache can be
             # large) instead of holding it through validation or the next epoch.
             self._cursors.pop(key, None)
+
+    def state_dict(self):
+        """Every rank's training cursors, for an exact resume (see :mod:`rmt_plugin.resume`).
+
+        Called on every data-parallel rank at each checkpoint save; the result is the same on all.
+        """
+        local = {split: {"next_index": cursor.next_index, "state": _plain_state(cursor.state)}
+                 for (role, split), cursor in self._cursors.items() if role == "train"}
+        return {"layout": self._layout(self.cfg.batch_size, data_parallel_rank_and_size()[1]),
+                "ranks": gather_ranks(local)}
+
+    def load_state_dict(self, state_dict):
+        """Take back this rank's training cursors from a checkpoint's :meth:`state_dict`."""
+        if not state_dict.get("ranks"):
+            return
+        rank, _ = data_parallel_rank_and_size()
+        own = state_dict["ranks"][rank] if rank < len(state_dict["ranks"]) else {}
+        for split, cursor in own.items():
+            self._cursors[("train", split)] = _Cursor(cursor["next_index"], _Saved(cursor["state"]))
+        self._saved_layout = state_dict["layout"]
+
+    def _check_valid_splits(self, num_shards):
+        """fairseq loads the validation splits at start-up but batches them only at the first
+        validation, after a whole epoch of training: check their streams with the training's."""
+        batch_size = self.cfg.batch_size_valid if isinstance(self.cfg.batch_size_valid, int) else self.cfg.batch_size
+        for split in str(self.cfg.valid_subset).split(","):
+            if split in self.datasets:
+                _check_streams(self.datasets[split], batch_size, num_shards, "--batch-size-valid")
+
+    def _layout(self, batch_size, world_size):
+        return {
+            "tokens_per_sample": self.cfg.tokens_per_sample,
+            "segments_per_sample": self.cfg.segments_per_sample,
+            "batch_size": batch_size,
+            "world_size": world_size,
+            "split_tokens": {split: len(dataset) for split, dataset in self.datasets.items()},
+        }
+
+    def _check_saved_layout(self, dataset, batch_size, num_shards):
+        """Refuse restored cursors of ``dataset`` that belong to other streams (checked once, when
+        fairseq builds the training iterator right after loading the checkpoint)."""
+        saved, self._saved_layout = self._saved_layout, None
+        if saved is not None and ("train", dataset.split) in self._cursors:
+            check_layout(saved, self._layout(batch_size, num_shards), dataset.split)
 
     @staticmethod
     def _iterator(batches, num_workers, epoch, data_buffer_size, skip_remainder_batch=False):
@@ -327,6 +400,18 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
             disable_shuffling=True,
             skip_remainder_batch=skip_remainder_batch,
         )
+
+
+def _check_streams(stream: TokenStream, batch_size, num_shards, flag="--batch-size"):
+    if len(stream) < batch_size * num_shards:
+        raise ValueError(
+            f"split '{stream.split}' has {len(stream)} tokens, fewer than the {batch_size * num_shards} streams "
+            f"asked for ({flag} {batch_size} x {num_shards} data-parallel ranks)"
+        )
+
+
+def _plain_state(state):
+    return state.plain if isinstance(state, _Saved) else carried_to_plain(state)
 
 
 def _check_positive(value, flag):

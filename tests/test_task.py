@@ -280,6 +280,21 @@ def test_resume_mid_epoch_starts_fresh_with_warning(data, caplog):
     assert_carried(criterion.calls)
 
 
+def test_the_same_batch_again_runs_from_the_memory_it_started_with(data, caplog):
+    # fairseq re-runs a batch whose gradients are NaN/inf under its NaN detector (and retries an
+    # AMP overflow): that run must start from the memory the failing one had, and leave the
+    # stream where the failing run left it
+    task, criterion, model = make_task(data[0]), RecordingCriterion(), TinyModel()
+    train = epoch_batches(task, "train")
+    train_on(task, criterion, model, train[:3])
+    with caplog.at_level(logging.WARNING):
+        train_on(task, criterion, model, [train[2]])
+    assert criterion.calls[-1][2] is criterion.calls[-2][2] is not None
+    assert "fresh memory" not in caplog.text
+    train_on(task, criterion, model, train[3:4])
+    assert criterion.calls[-1][2] is criterion.calls[-2][3]
+
+
 def test_memory_of_a_finished_pass_is_released(data):
     task = make_task(data[0], splits=("train", "valid"))
     criterion, model = RecordingCriterion(), TinyModel()
