@@ -50,15 +50,21 @@ def plot(reports, out, title=None):
     by_segment.set(xlabel="segment index since the stream start", ylabel="loss (bits/token)",
                    title="loss by segment index")
     by_segment.legend()
-    by_position.set(xlabel="position within the segment", ylabel="loss (bits/token)",
+    by_position.set_xscale("symlog", linthresh=1)  # what the state buys sits at the first positions
+    width_seen = max(len(losses) for _, report in reports for losses in report["loss_by_position"].values())
+    ticks = [0] + [2 ** k for k in range(width_seen.bit_length()) if 2 ** k < width_seen]
+    by_position.set_xticks(ticks, [str(t) for t in ticks])
+    by_position.set(xlabel="position within the segment (log scale)", ylabel="loss (bits/token)",
                     title="loss by position: carried vs reset every segment")
     by_position.legend(fontsize=7)
     names = [label for label, _ in reports]
     width = 0.38
     for offset, gain in ((-width / 2, "memory_gain"), (width / 2, "cache_gain")):
-        values = [report.get(gain, 0.0) for _, report in reports]
-        bars = gains.bar([k + offset for k in range(len(names))], values, width, label=gain.replace("_", " "))
-        gains.bar_label(bars, fmt="%.3f", fontsize=8)
+        present = [(k, report[gain]) for k, (_, report) in enumerate(reports) if gain in report]
+        if present:  # a model without a memory (cache) has no such gain: no bar rather than a zero
+            bars = gains.bar([k + offset for k, _ in present], [v for _, v in present], width,
+                             label=gain.replace("_", " "))
+            gains.bar_label(bars, fmt="%.3f", fontsize=8)
     gains.set_xticks(range(len(names)), names, rotation=15)
     gains.set(ylabel="bits/token", title="loss saved by carrying the memory / the cache")
     gains.legend()
