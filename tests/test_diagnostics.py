@@ -3,6 +3,9 @@
 import json
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +138,20 @@ def test_reduce_metrics_is_silent_without_diagnostics():
     with metrics.aggregate() as agg:
         diagnostics.reduce_metrics([{"loss": 1.0}])
     assert agg.get_smoothed_values() == {}
+
+
+def test_plot_script_draws_reports_and_rejects_other_files(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "plot_memory_diagnostics.py"
+    report = {"loss": 2.0, "ntokens": 8, "memory_gain": 0.1, "loss_by_segment": {"0": 2.2, "1": 1.9},
+              "loss_by_position": {"carried": [2.5, 1.8], "memory_reset": [2.9, 1.9]}}
+    (tmp_path / "rmt.json").write_text(json.dumps(report))
+    (tmp_path / "base.json").write_text(json.dumps(dict(report, loss_by_position={"carried": [2.6, 1.9]})))
+    (tmp_path / "other.json").write_text(json.dumps({"loss": 1.0}))
+    out = tmp_path / "diag.png"
+    done = subprocess.run([sys.executable, str(script), f"{tmp_path / 'rmt.json'}:RMT", str(tmp_path / "base.json"),
+                           "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "other.json"), "--out", str(out)],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "is not a --memory-diagnostics-file report" in bad.stderr.strip().splitlines()[-1]
