@@ -43,7 +43,7 @@ def plot(reports, out, title=None):
         buckets = list(report["loss_by_segment"])
         by_segment.plot(range(len(buckets)), list(report["loss_by_segment"].values()), "o-", color=colour,
                         label=label)
-        by_segment.set_xticks(range(len(buckets)), buckets)
+        by_segment.set_xticks(range(len(buckets)), buckets, rotation=45 if len(buckets) > 6 else 0)
         for variant, losses in report["loss_by_position"].items():
             by_position.plot(range(len(losses)), losses, RESET_STYLES[variant], color=colour,
                              label=f"{label}, {RESET_NAMES[variant]}")

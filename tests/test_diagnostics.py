@@ -14,7 +14,7 @@ from fairseq import metrics
 from rmt_plugin import diagnostics
 from rmt_plugin.criterion import RMTLMCriterion
 from rmt_plugin.diagnostics import bucket_label, diagnose_batch, summarize
-from rmt_plugin.model import RMTState
+from rmt_plugin.model import RMTConfig, RMTLanguageModel, RMTState
 from test_memory_and_bptt import SEG_LEN, make_model, make_task
 from test_task import make_task as make_stream_task, run_cli, write_corpus
 from test_task import data  # noqa: F401  (fixture)
@@ -37,6 +37,22 @@ def test_summary_of_the_docstring_example():
 def nll_sum(model, tokens, target, state):
     lprobs = model.get_normalized_probs(model(tokens, state=state), log_probs=True)
     return -lprobs.gather(-1, target.unsqueeze(-1)).sum().item()
+
+
+def test_adaptive_softmax_nll_without_the_vocabulary_table_equals_fairseqs():
+    task = make_task()  # 40 symbols: a head of 10 and two clusters
+    torch.manual_seed(3)
+    cfg = RMTConfig(n_layer=1, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.0, num_mem_tokens=2,
+                    adaptive_softmax_cutoff="10,25", div_val=2.0)
+    model = RMTLanguageModel.build_model(cfg, task).eval()
+    tokens = torch.randint(4, 40, (3, 8))
+    target = torch.tensor([[2, 9, 10, 24, 25, 39, 5, 30]] * 3)  # every cluster and its edges
+    with torch.no_grad():
+        output = model(tokens)
+        table = model.get_normalized_probs(output, log_probs=True, sample={"target": target})
+        expected = -table.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(diagnostics.token_nll(model, output, target), expected, atol=1e-5)
+        assert torch.allclose(diagnostics.token_nll(model.decoder, output, target), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("num_mem_tokens, mem_len", [(2, 0), (0, 3), (2, 3)])
