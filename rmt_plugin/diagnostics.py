@@ -1,15 +1,21 @@
 """Memory diagnostics: how much loss the memory and the cache save, and where in the stream.
 
 ``--memory-diagnostics`` (task ``rmt_lm``) scores every segment of validation and of
-``fairseq-eval-lm`` three ways from the same incoming state: as the model runs it (memory and
-cache carried), with the memory reset to its learned start value (cache kept), and with the
-cache emptied (memory kept). Then
+``fairseq-eval-lm`` several ways from the same incoming state: as the model runs it (memory and
+cache carried); with the memory reset to its learned start value (cache kept), or the cache
+emptied (memory kept); and with the memory, or the cache, of *another stream* of the batch
+(rows rolled by one: row i gets row i+1's). Then, in bits per token,
 
-    memory gain = loss(memory reset at every segment) - loss(carried)      (bits per token)
-    cache gain  = loss(cache reset at every segment)  - loss(carried)
+    memory gain       = loss(memory reset at every segment)        - loss(carried)
+    memory swap gain  = loss(another stream's memory every segment) - loss(carried)
+    cache gain, cache swap gain: the same for the cache
 
-A memory the model has learned to use has a clearly positive gain; a near-zero gain means the
-model predicts as well without it. The carried loss is also reported by segment index since the
+A near-zero gain means the model predicts as well without the state. A positive *reset* gain
+alone does not show that the state carries the stream's content: a model trained on carried
+memory also loses when it gets a start memory it rarely saw (MemTr, whose memory cannot see its
+segment, has a reset gain as large as RMT's on WikiText-2). The *swap* gain keeps a memory of the
+kind the model always sees, only from the wrong stream, so it measures the content; it needs a
+batch of at least 2 streams (not logged with ``--batch-size 1``). The carried loss is also reported by segment index since the
 stream start, in buckets ``0, 1, 2-3, 4-7, ...``: with useful memory the loss falls over the
 first segments and then stays flat. Example, 2 segments, one token each, RMT without a cache::
 
@@ -19,7 +25,8 @@ first segments and then stays flat. Example, 2 segments, one token each, RMT wit
     memory gain = ((3.0 + 2.6) - (3.0 + 2.0)) / 2 tokens = 0.3 nats = 0.43 bits
 
 The counts travel in fairseq logging outputs (summable, so data parallel adds them up) and
-become the metrics ``memory_gain``, ``cache_gain`` and ``loss_seg_<bucket>``. In
+become the metrics ``memory_gain``, ``memory_swap_gain``, ``cache_gain``, ``cache_swap_gain`` and
+``loss_seg_<bucket>``. In
 ``fairseq-eval-lm`` the stream's :class:`StreamDiagnostics` logs them at the end of the pass
 and, with ``--memory-diagnostics-file``, writes them (and the loss by position within the
 segment) as JSON for ``scripts/plot_memory_diagnostics.py``.
@@ -38,6 +45,9 @@ from .model import RMTState
 logger = logging.getLogger(__name__)
 
 PREFIX = "diag_"
+# scored variant -> the gain it gives (its loss minus the carried loss)
+GAINS = {"memory_reset": "memory_gain", "memory_swap": "memory_swap_gain",
+         "cache_reset": "cache_gain", "cache_swap": "cache_swap_gain"}
 
 
 def bucket_label(segment_index: int) -> str:
@@ -78,26 +88,37 @@ def adaptive_target_log_prob(adaptive_softmax, hidden: Tensor, target: Tensor) -
     return log_prob.view(target.shape)
 
 
-def reset_states(model, state: Optional[RMTState]) -> Dict[str, Optional[RMTState]]:
-    """The incoming state with the memory, or the cache, replaced by a fresh one.
+def reset_states(model, state: Optional[RMTState], batch_size: int) -> Dict[str, Optional[RMTState]]:
+    """The incoming state with the memory, or the cache, replaced by a fresh one or by another
+    stream's (row i gets row i+1's; only with 2 or more rows).
 
     A part the model does not have is left out; a fresh stream (``state is None``) resets to
     itself, so those tokens count with zero gain.
     """
     decoder = getattr(model, "decoder", model)  # eval-lm hands over the decoder itself
+    swap = batch_size > 1
     variants = {}
     if decoder.num_mem_tokens > 0:
         variants["memory_reset"] = None if state is None else RMTState(None, state.cache)
+        if swap:
+            variants["memory_swap"] = None if state is None else RMTState(_other_stream(state.memory), state.cache)
     if decoder.mem_len > 0:
         variants["cache_reset"] = None if state is None else RMTState(state.memory, None)
+        if swap:
+            variants["cache_swap"] = None if state is None else RMTState(
+                state.memory, None if state.cache is None else [_other_stream(c) for c in state.cache])
     return variants
+
+
+def _other_stream(rows: Optional[Tensor]) -> Optional[Tensor]:
+    return None if rows is None else rows.roll(-1, dims=0)
 
 
 def score_segment(model, tokens: Tensor, target: Tensor, state: Optional[RMTState],
                   carried_output) -> Dict[str, Tensor]:
     """Per-token nll [B, T] of one segment: carried (from ``carried_output``) and each reset."""
     scores = {"carried": token_nll(model, carried_output, target)}
-    for name, variant_state in reset_states(model, state).items():
+    for name, variant_state in reset_states(model, state, tokens.size(0)).items():
         scores[name] = scores["carried"] if variant_state is state else token_nll(
             model, model(tokens, state=variant_state), target)
     return scores
@@ -147,7 +168,7 @@ def summarize(counts: Dict[str, float]) -> Dict[str, object]:
     bits = 1.0 / math.log(2)
     carried = sum(b["carried"] for b in per_bucket.values())
     summary: Dict[str, object] = {"ntokens": n, "loss": carried / n * bits}
-    for variant, gain in (("memory_reset", "memory_gain"), ("cache_reset", "cache_gain")):
+    for variant, gain in GAINS.items():
         if all(variant in b for b in per_bucket.values()):
             summary[gain] = (sum(b[variant] for b in per_bucket.values()) - carried) / n * bits
     summary["loss_by_segment"] = {
@@ -158,7 +179,8 @@ def summarize(counts: Dict[str, float]) -> Dict[str, object]:
 
 
 def reduce_metrics(logging_outputs: List[dict]) -> None:
-    """fairseq metrics ``memory_gain``, ``cache_gain``, ``loss_seg_<bucket>`` (bits per token)."""
+    """fairseq metrics ``memory_gain``, ``cache_gain``, their swap gains and ``loss_seg_<bucket>``
+    (bits per token)."""
     from fairseq import metrics
 
     counts: Dict[str, float] = {}
@@ -168,7 +190,7 @@ def reduce_metrics(logging_outputs: List[dict]) -> None:
     if not summary:
         return
     weight = summary["ntokens"]
-    for gain in ("memory_gain", "cache_gain"):
+    for gain in GAINS.values():
         if gain in summary:
             metrics.log_scalar(gain, summary[gain], weight, round=4)
     for label, loss in summary["loss_by_segment"].items():
@@ -219,7 +241,7 @@ class StreamDiagnostics:
 
     def report(self) -> None:
         summary = self.summary()
-        gains = ", ".join(f"{g.replace('_', ' ')} {summary[g]:+.4f}" for g in ("memory_gain", "cache_gain")
+        gains = ", ".join(f"{g.replace('_', ' ')} {summary[g]:+.4f}" for g in GAINS.values()
                           if g in summary)
         by_segment = ", ".join(f"{k}: {v:.4f}" for k, v in summary["loss_by_segment"].items())
         logger.info(f"memory diagnostics on {self.split} (bits/token): loss {summary['loss']:.4f}"

@@ -65,8 +65,9 @@ class RMTLMConfig(FairseqDataclass):
     memory_diagnostics: bool = field(
         default=False,
         metadata={"help": "validation and fairseq-eval-lm also score every segment with the memory "
-                  "reset and with the cache reset, and log memory_gain / cache_gain and the loss by "
-                  "segment index since the stream start (bits per token; see diagnostics.py)"},
+                  "(the cache) reset and with another stream's, and log memory_gain / cache_gain, their "
+                  "swap gains and the loss by segment index since the stream start (bits per token; see "
+                  "diagnostics.py)"},
     )
     memory_diagnostics_file: Optional[str] = field(
         default=None,

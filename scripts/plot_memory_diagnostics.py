@@ -4,10 +4,10 @@
 
 One figure, three panels, every model in its own colour:
   1. loss by segment index since the stream start (memory that helps makes it fall after 0);
-  2. loss by position within the segment, carried (solid) and with the memory / the cache reset
-     at every segment (dashed / dotted): what the state buys is the gap, largest at the first
-     positions of a segment;
-  3. memory gain and cache gain (bits per token).
+  2. loss by position within the segment, carried (solid), with the memory / the cache reset at
+     every segment (dashed / dotted) and with another stream's (dash-dot): what the state buys is
+     the gap, largest at the first positions of a segment;
+  3. memory and cache gains, reset and swap (bits per token; see rmt_plugin/diagnostics.py).
 """
 
 import argparse
@@ -19,8 +19,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-RESET_STYLES = {"carried": "-", "memory_reset": "--", "cache_reset": ":"}
-RESET_NAMES = {"carried": "carried", "memory_reset": "memory reset", "cache_reset": "cache reset"}
+RESET_STYLES = {"carried": "-", "memory_reset": "--", "cache_reset": ":", "memory_swap": "-.",
+                "cache_swap": (0, (3, 1, 1, 1, 1, 1))}
+RESET_NAMES = {"carried": "carried", "memory_reset": "memory reset", "cache_reset": "cache reset",
+               "memory_swap": "another stream's memory", "cache_swap": "another stream's cache"}
+GAINS = ("memory_gain", "memory_swap_gain", "cache_gain", "cache_swap_gain")
 
 
 def load(spec):
@@ -58,13 +61,15 @@ def plot(reports, out, title=None):
                     title="loss by position: carried vs reset every segment")
     by_position.legend(fontsize=7)
     names = [label for label, _ in reports]
-    width = 0.38
-    for offset, gain in ((-width / 2, "memory_gain"), (width / 2, "cache_gain")):
+    shown = [gain for gain in GAINS if any(gain in report for _, report in reports)]
+    width = 0.8 / max(len(shown), 1)
+    for i, gain in enumerate(shown):
+        offset = (i - (len(shown) - 1) / 2) * width
         present = [(k, report[gain]) for k, (_, report) in enumerate(reports) if gain in report]
-        if present:  # a model without a memory (cache) has no such gain: no bar rather than a zero
-            bars = gains.bar([k + offset for k, _ in present], [v for _, v in present], width,
-                             label=gain.replace("_", " "))
-            gains.bar_label(bars, fmt="%.3f", fontsize=8)
+        # a model without a memory (cache) has no such gain: no bar rather than a zero
+        bars = gains.bar([k + offset for k, _ in present], [v for _, v in present], width,
+                         label=gain.replace("_", " "))
+        gains.bar_label(bars, fmt="%.3f", fontsize=7)
     gains.set_xticks(range(len(names)), names, rotation=15)
     gains.set(ylabel="bits/token", title="loss saved by carrying the memory / the cache")
     gains.legend()

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plot_memory_diagnostics import plot as plot_diagnostics  # noqa: E402
+from plot_memory_diagnostics import GAINS, plot as plot_diagnostics  # noqa: E402
 
 import matplotlib  # noqa: E402
 
@@ -98,7 +98,7 @@ def average_reports(reports):
            "loss_by_position": {v: [statistics.mean(r["loss_by_position"][v][i] for r in reports)
                                     for i in range(len(first["loss_by_position"][v]))]
                                 for v in first["loss_by_position"]}}
-    for gain in ("memory_gain", "cache_gain"):
+    for gain in GAINS:
         if gain in first:
             out[gain] = statistics.mean(r[gain] for r in reports)
     return out
@@ -112,7 +112,7 @@ def summarise(args, results):
         row = {"label": MODELS[name][0].format(T=args.segment, m=args.mem, k=args.depth),
                "seeds": args.seeds, "test_loss": [r["loss"] for r in reports],
                "first_segment": [r["loss_by_segment"]["0"] for r in reports]}
-        for gain in ("memory_gain", "cache_gain"):
+        for gain in GAINS:
             if gain in reports[0]:
                 row[gain] = [r[gain] for r in reports]
         table[name] = row
@@ -123,10 +123,11 @@ def summarise(args, results):
     (out / f"{args.name}.json").write_text(json.dumps({"settings": settings, "models": table}, indent=1) + "\n")
 
     unit = f"bits/{args.unit}"
-    lines = [f"| model | test loss ({unit}) | memory gain | cache gain | first segment |", "|---|---|---|---|---|"]
+    lines = [f"| model | test loss ({unit}) | memory gain: reset | swap | cache gain: reset | swap | first segment |",
+             "|---|---|---|---|---|---|---|"]
     for row in table.values():
         cells = []
-        for key in ("test_loss", "memory_gain", "cache_gain", "first_segment"):
+        for key in ("test_loss", *GAINS, "first_segment"):
             cells.append("%.4f ± %.4f" % mean_std(row[key]) if key in row else "-")
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     lines.append("")

@@ -76,9 +76,15 @@ def test_reset_scores_equal_runs_written_out_by_hand(num_mem_tokens, mem_len):
             if num_mem_tokens:
                 add(f"diag_memory_reset@{label}",
                     nll_sum(model, tokens[:, seg], target[:, seg], RMTState(None, state.cache)))
+                other_rows = state.memory[[1, 0]]  # row 0 gets row 1's memory and back
+                add(f"diag_memory_swap@{label}",
+                    nll_sum(model, tokens[:, seg], target[:, seg], RMTState(other_rows, state.cache)))
             if mem_len:
                 add(f"diag_cache_reset@{label}",
                     nll_sum(model, tokens[:, seg], target[:, seg], RMTState(state.memory, None)))
+                other_rows = [c[[1, 0]] for c in state.cache]
+                add(f"diag_cache_swap@{label}",
+                    nll_sum(model, tokens[:, seg], target[:, seg], RMTState(state.memory, other_rows)))
             add(f"diag_ntokens@{label}", 2 * SEG_LEN)
             state = model(tokens[:, seg], state=state)[1]["state"]
     assert counts.keys() == expected.keys()
@@ -87,9 +93,33 @@ def test_reset_scores_equal_runs_written_out_by_hand(num_mem_tokens, mem_len):
     summary = summarize(counts)
     assert ("memory_gain" in summary) == bool(num_mem_tokens)
     assert ("cache_gain" in summary) == bool(mem_len)
-    for gain in ("memory_gain", "cache_gain"):
+    assert ("memory_swap_gain" in summary) == bool(num_mem_tokens)
+    assert ("cache_swap_gain" in summary) == bool(mem_len)
+    for gain in ("memory_gain", "cache_gain", "memory_swap_gain", "cache_swap_gain"):
         if gain in summary:
             assert summary[gain] != 0  # a random model's state still changes its predictions
+
+
+def test_a_memory_without_content_has_a_reset_gain_but_no_swap_gain():
+    """MemTr's memory cannot see its segment, so every stream carries the same memory: resetting
+    it changes the predictions, swapping it with another stream's does not."""
+    task = make_task()
+    model = make_model(task, num_mem_tokens=2, layout="memtr", seed=3)
+    tokens = torch.randint(4, 40, (3, 4 * SEG_LEN))
+    sample = {"net_input": {"src_tokens": tokens}, "target": tokens.roll(-1, 1), "stream": {"index": 0}}
+    summary = summarize(diagnose_batch(model, sample, None, SEG_LEN, segments_per_sample=4))
+    assert abs(summary["memory_gain"]) > 1e-5  # an untrained model: small, but not zero
+    assert summary["memory_swap_gain"] == pytest.approx(0, abs=1e-12)
+
+
+def test_one_stream_has_no_other_stream_to_swap_with():
+    task = make_task()
+    model = make_model(task, num_mem_tokens=2, mem_len=3)
+    tokens = torch.randint(4, 40, (1, 2 * SEG_LEN))
+    sample = {"net_input": {"src_tokens": tokens}, "target": tokens, "stream": {"index": 0}}
+    summary = summarize(diagnose_batch(model, sample, None, SEG_LEN, segments_per_sample=2))
+    assert "memory_gain" in summary and "cache_gain" in summary
+    assert "memory_swap_gain" not in summary and "cache_swap_gain" not in summary
 
 
 def test_a_fresh_stream_counts_with_zero_gain():
@@ -145,7 +175,7 @@ def test_train_and_eval_lm_report_diagnostics_through_the_cli(tmp_path):
     eval_loss = float(re.search(r"Loss \(base 2\): ([\d.]+)", out).group(1))
     assert report["loss"] == pytest.approx(eval_loss, abs=1e-4)  # two independent scorings agree
     assert report["ntokens"] == int(re.search(r"Evaluated ([\d,]+) tokens", out).group(1).replace(",", ""))
-    assert set(report["loss_by_position"]) == {"carried", "memory_reset", "cache_reset"}
+    assert set(report["loss_by_position"]) == {"carried", "memory_reset", "cache_reset", "memory_swap", "cache_swap"}
     assert len(report["loss_by_position"]["carried"]) == 8
     assert report["loss_by_segment"]["0"] > 0 and "memory_gain" in report and "cache_gain" in report
 

@@ -30,9 +30,9 @@ def test_table_is_the_mean_and_spread_over_seeds_and_plots_are_written(tmp_path)
     study.summarise(args, results)
 
     table = (tmp_path / "toy.md").read_text().splitlines()
-    assert table[0].startswith("| model | test loss (bits/char) |")
-    assert table[2] == "| no memory | 2.1000 ± 0.1414 | - | - | 3.1000 ± 0.1414 |"
-    assert table[3] == "| RMT m=8 BPTT-3 | 1.8000 ± 0.1414 | 0.2000 ± 0.1414 | - | 2.8000 ± 0.1414 |"
+    assert table[0].startswith("| model | test loss (bits/char) | memory gain: reset | swap |")
+    assert table[2] == "| no memory | 2.1000 ± 0.1414 | - | - | - | - | 3.1000 ± 0.1414 |"
+    assert table[3] == "| RMT m=8 BPTT-3 | 1.8000 ± 0.1414 | 0.2000 ± 0.1414 | - | - | - | 2.8000 ± 0.1414 |"
     saved = json.loads((tmp_path / "toy.json").read_text())
     assert saved["models"]["rmt_deep"]["memory_gain"] == [0.1, 0.3]
     assert saved["settings"]["seeds"] == [1, 2]
