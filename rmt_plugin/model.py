@@ -45,6 +45,7 @@ from fairseq.modules import AdaptiveInput, AdaptiveSoftmax
 from torch import Tensor, nn
 
 MEMORY_LAYOUTS = ChoiceEnum(["rmt", "memtr"])
+WRITE_INPUTS = ChoiceEnum(["memory", "learned"])
 
 
 class RMTState(NamedTuple):
@@ -75,6 +76,12 @@ class RMTConfig(FairseqDataclass):
     memory_layout: MEMORY_LAYOUTS = field(
         default="rmt",
         metadata={"help": "rmt: [read; segment; write]; memtr: [memory; segment] (the paper's MemTr baseline)"},
+    )
+    memory_write_input: WRITE_INPUTS = field(
+        default="memory",
+        metadata={"help": "what the write block is fed: memory (the paper: the memory read) or learned (the "
+                          "learned start memory, every segment), which cuts the memory's residual loop "
+                          "(see the module docstring)"},
     )
     mem_len: int = field(
         default=0, metadata={"help": "Transformer-XL cache length: hidden states of this many past positions"}
@@ -130,6 +137,8 @@ def check_config(cfg: RMTConfig, vocab_size: int):
          "--n-head and --d-head must be positive")
     need(not cfg.mem_attend_cache or (cfg.mem_len > 0 and cfg.num_mem_tokens > 0),
          "--mem-attend-cache needs both --mem-len > 0 and --num-mem-tokens > 0")
+    need(cfg.memory_write_input == "memory" or (cfg.num_mem_tokens > 0 and cfg.memory_layout == "rmt"),
+         "--memory-write-input learned needs the write block of --memory-layout rmt and --num-mem-tokens > 0")
     for cutoff in parse_cutoffs(cfg.adaptive_softmax_cutoff):
         need(0 < cutoff < vocab_size, f"--adaptive-softmax-cutoff {cutoff} is not inside the vocabulary "
              f"(size {vocab_size}); drop it")
@@ -225,7 +234,7 @@ class RMTDecoder(FairseqDecoder):
         h = self.embed_tokens(src_tokens) * self.embed_scale
         if m > 0:
             memory = self._read_memory(state, bsz)
-            blocks = [memory, h, memory] if self.cfg.memory_layout == "rmt" else [memory, h]
+            blocks = [memory, h, self._write_input(memory)] if self.cfg.memory_layout == "rmt" else [memory, h]
             h = torch.cat(blocks, dim=1)
         h = self.dropout(h)
         pos_emb = self.dropout(plan.pos_emb.to(h.dtype))
@@ -257,6 +266,11 @@ class RMTDecoder(FairseqDecoder):
                 )
             return state.memory
         return (self.mem_init * self.embed_scale).unsqueeze(0).expand(bsz, -1, -1)
+
+    def _write_input(self, memory: Tensor) -> Tensor:
+        if self.cfg.memory_write_input == "learned":
+            return (self.mem_init * self.embed_scale).unsqueeze(0).expand_as(memory)
+        return memory
 
     def _update_cache(self, cache: Optional[Tensor], segment_hidden: Tensor) -> Tensor:
         merged = segment_hidden if cache is None else torch.cat([cache, segment_hidden], dim=1)
@@ -415,8 +429,8 @@ def _set_defaults(cfg, **defaults):
 # RMTConfig value itself, defaults included, so that a later change of a default cannot change a
 # paper recipe; tests/test_architectures.py checks that no field is left to the default.
 PAPER_COMMON = dict(dropout=0.1, dropatt=0.0, pre_lnorm=False, init_std=0.02, tie_weights=True,
-                    same_length=False, clamp_len=-1, memory_layout="rmt", mem_attend_cache=False, div_val=1.0,
-                    memory_target_token=False)
+                    same_length=False, clamp_len=-1, memory_layout="rmt", memory_write_input="memory",
+                    mem_attend_cache=False, div_val=1.0, memory_target_token=False)
 PAPER_BACKBONES = {
     "wt103_base": dict(PAPER_COMMON, n_layer=16, d_model=410, n_head=10, d_head=41, d_inner=2100,
                        adaptive_softmax_cutoff="20000,40000,200000"),

@@ -113,8 +113,8 @@ def test_paper_archs_keep_the_paper_values_when_the_model_defaults_change(monkey
     fields = RMTConfig.__dataclass_fields__
     parsed = {}
     for name, paper in PAPER_COMMON.items():
-        other = (not paper if isinstance(paper, bool) else "memtr" if name == "memory_layout"
-                 else paper + 1)
+        choices = {"memory_layout": "memtr", "memory_write_input": "learned"}
+        other = not paper if isinstance(paper, bool) else choices[name] if name in choices else paper + 1
         monkeypatch.setattr(fields[name], "default", other)
         parsed[name] = other if isinstance(paper, bool) else None
     for arch in PAPER_ARCHS:

@@ -471,3 +471,27 @@ def test_non_finite_loss_names_the_update_and_the_segment(caplog):
     with caplog.at_level("WARNING"):
         make_criterion(task, depth=1, mode="chunk").forward_with_state(model, sample, None)
     assert "non-finite loss at update 7, train batch 3, segment 2 of 3" in caplog.text
+
+
+@pytest.mark.parametrize("write_input", ["memory", "learned"])
+def test_write_block_is_fed_the_memory_read_or_the_learned_start_memory(write_input):
+    task = make_task()
+    torch.manual_seed(0)
+    cfg = RMTConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.0, num_mem_tokens=2,
+                    memory_write_input=write_input)
+    model = RMTLanguageModel.build_model(cfg, task).eval()
+    layer_inputs = []
+    model.decoder.layers[0].register_forward_pre_hook(lambda module, args: layer_inputs.append(args[0]))
+    memory = torch.randn(3, 2, 16)
+    model(torch.randint(4, 40, (3, SEG_LEN)), state=RMTState(memory, None))
+    read_block, write_block = layer_inputs[0][:, :2], layer_inputs[0][:, -2:]
+    assert torch.equal(read_block, memory)
+    start_memory = (model.decoder.mem_init * model.decoder.embed_scale).expand(3, -1, -1)
+    assert torch.equal(write_block, memory if write_input == "memory" else start_memory)
+
+
+@pytest.mark.parametrize("flags", [dict(num_mem_tokens=0), dict(num_mem_tokens=2, memory_layout="memtr")])
+def test_a_learned_write_input_needs_a_write_block(flags):
+    cfg = RMTConfig(n_layer=1, d_model=16, n_head=2, d_head=8, d_inner=32, memory_write_input="learned", **flags)
+    with pytest.raises(ValueError, match="--memory-write-input learned needs the write block"):
+        RMTLanguageModel.build_model(cfg, make_task())
