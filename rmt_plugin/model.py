@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import FairseqDecoder, FairseqLanguageModel, register_model, register_model_architecture
 from fairseq.modules import AdaptiveInput, AdaptiveSoftmax
+from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
 
 MEMORY_LAYOUTS = ChoiceEnum(["rmt", "memtr"])
@@ -120,8 +121,20 @@ class RMTLanguageModel(FairseqLanguageModel):
 
     @classmethod
     def build_model(cls, cfg: RMTConfig, task):
+        fill_missing_fields(cfg)
         check_config(cfg, len(task.target_dictionary))
         return cls(RMTDecoder(cfg, task.target_dictionary))
+
+
+def fill_missing_fields(cfg) -> None:
+    """A checkpoint saved before a model field existed has no value for it: give it the field's
+    default, which keeps the behaviour of the time (e.g. ``memory_write_input``: ``memory``)."""
+    missing = {name: f.default for name, f in RMTConfig.__dataclass_fields__.items()
+               if isinstance(cfg, DictConfig) and name not in cfg}
+    if missing:
+        with open_dict(cfg):
+            for name, value in missing.items():
+                setattr(cfg, name, value)
 
 
 def check_config(cfg: RMTConfig, vocab_size: int):

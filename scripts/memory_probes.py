@@ -16,7 +16,12 @@ thread, seconds to minutes on a CPU:
 
     python scripts/memory_probes.py sensitivity
     python scripts/memory_probes.py recall --pre-lnorm --init-std 0.1 --segments 3 --depth 2 [--recall-only]
+  spread       a trained checkpoint (--path) run over a split of its data-bin as --batch streams:
+               how far each stream's memory is from the streams' mean, relative to its norm, after
+               1, 5, 20 and 100 segments (a memory that carries nothing about its stream goes to 0).
+
     python scripts/memory_probes.py lm --data data-bin/wikitext2-bytes --pre-lnorm --init-std 0.1 --m 8
+    python scripts/memory_probes.py spread --path checkpoints/rmt/checkpoint_last.pt --data data-bin/wikitext2-bytes
 """
 
 import argparse
@@ -190,10 +195,35 @@ def lm(args):
               f"{bits[:4].mean():.3f} | {bits[4:16].mean():.3f} | {bits[16:].mean():.3f}")
 
 
+# ------------------------------------------------------------------------------------ spread
+@torch.no_grad()
+def spread(args):
+    from fairseq import checkpoint_utils
+
+    import rmt_plugin  # noqa: F401  (registers the task and model for the checkpoint)
+
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides={"data": args.data})
+    model = models[0].eval()
+    task.load_dataset(args.split)
+    batches = task.eval_lm_dataloader(task.dataset(args.split), batch_size=args.batch)
+    state, report = None, (1, 5, 20, 100)
+    print(f"memory of {args.batch} streams of {args.split}: mean distance from their mean / mean norm")
+    for i, sample in enumerate(batches, start=1):
+        state = model(sample["net_input"]["src_tokens"], state=state)[1]["state"]
+        if i in report:
+            memory = state.memory.float()
+            distance = (memory - memory.mean(0, keepdim=True)).norm(dim=-1).mean()
+            print(f"  after {i:>3} segments: {distance / memory.norm(dim=-1).mean():.4f}")
+        if i == report[-1]:
+            break
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("probe", choices=["sensitivity", "recall", "lm"])
-    parser.add_argument("--data", help="lm: a fairseq data-bin with train and valid")
+    parser.add_argument("probe", choices=["sensitivity", "recall", "lm", "spread"])
+    parser.add_argument("--path", help="spread: a checkpoint of an RMT model")
+    parser.add_argument("--split", default="test", help="spread: the split run")
+    parser.add_argument("--data", help="lm, spread: a fairseq data-bin")
     parser.add_argument("--m", type=int, default=4, help="memory tokens")
     parser.add_argument("--mem-len", type=int, default=0, help="Transformer-XL cache")
     parser.add_argument("--layers", type=int, default=2)
@@ -212,7 +242,7 @@ def main():
     parser.add_argument("--eval-tokens", type=int, default=40000, help="lm: validation tokens scored")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    {"sensitivity": sensitivity, "recall": recall, "lm": lm}[args.probe](args)
+    {"sensitivity": sensitivity, "recall": recall, "lm": lm, "spread": spread}[args.probe](args)
 
 
 if __name__ == "__main__":

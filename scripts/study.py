@@ -36,16 +36,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 # name -> (label, flags); {T}: segment length, {m}: memory tokens, {k}: BPTT depth of the deep RMT.
+# The paper's RMT feeds its write block the memory read (--memory-write-input memory); the *_lw rows
+# feed it the learned start memory instead (docs/memory_in_lm.md, section 2c).
+RMT = "--arch rmt_tiny --num-mem-tokens {m}"
+TRXL_RMT = ("--arch rmt_xl_tiny --mem-len {T} --num-mem-tokens {m} --bptt-depth {k} "
+            "--memory-target-token --memory-token-loss-weight 0.01")  # the paper's memory-token loss
+PAPER_WRITE, LEARNED_WRITE = " --memory-write-input memory", " --memory-write-input learned"
 MODELS = {
     "baseline": ("no memory", "--arch rmt_tiny --num-mem-tokens 0"),
-    "memtr": ("MemTr m={m}", "--arch rmt_tiny --num-mem-tokens {m} --memory-layout memtr --bptt-depth 0"),
-    "rmt_bptt0": ("RMT m={m} BPTT-0", "--arch rmt_tiny --num-mem-tokens {m} --bptt-depth 0"),
-    "rmt_deep": ("RMT m={m} BPTT-{k}", "--arch rmt_tiny --num-mem-tokens {m} --bptt-depth {k}"),
+    "memtr": ("MemTr m={m}", RMT + " --memory-layout memtr --bptt-depth 0"),
+    "rmt_bptt0": ("RMT m={m} BPTT-0", RMT + " --bptt-depth 0" + PAPER_WRITE),
+    "rmt_deep": ("RMT m={m} BPTT-{k}", RMT + " --bptt-depth {k}" + PAPER_WRITE),
     "transformer_xl": ("Transformer-XL mem {T}", "--arch transformer_xl_tiny --mem-len {T}"),
-    # The paper's Tr-XL + RMT is trained with its memory-token loss (weight 0.01).
-    "rmt_xl": ("Tr-XL + RMT {T}+{m} BPTT-{k}",
-               "--arch rmt_xl_tiny --mem-len {T} --num-mem-tokens {m} --bptt-depth {k} "
-               "--memory-target-token --memory-token-loss-weight 0.01"),
+    "rmt_xl": ("Tr-XL + RMT {T}+{m} BPTT-{k}", TRXL_RMT + PAPER_WRITE),
+    "rmt_bptt0_lw": ("RMT m={m} BPTT-0, learned write input", RMT + " --bptt-depth 0" + LEARNED_WRITE),
+    "rmt_deep_lw": ("RMT m={m} BPTT-{k}, learned write input", RMT + " --bptt-depth {k}" + LEARNED_WRITE),
+    "rmt_xl_lw": ("Tr-XL + RMT {T}+{m} BPTT-{k}, learned write input", TRXL_RMT + LEARNED_WRITE),
 }
 
 

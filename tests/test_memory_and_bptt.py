@@ -495,3 +495,16 @@ def test_a_learned_write_input_needs_a_write_block(flags):
     cfg = RMTConfig(n_layer=1, d_model=16, n_head=2, d_head=8, d_inner=32, memory_write_input="learned", **flags)
     with pytest.raises(ValueError, match="--memory-write-input learned needs the write block"):
         RMTLanguageModel.build_model(cfg, make_task())
+
+
+def test_a_checkpoint_saved_before_a_field_existed_loads_with_the_old_behaviour():
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
+    old = asdict(RMTConfig(n_layer=1, d_model=16, n_head=2, d_head=8, d_inner=32, num_mem_tokens=2))
+    del old["memory_write_input"]  # what a checkpoint saved before --memory-write-input holds
+    cfg = OmegaConf.create(old)
+    OmegaConf.set_struct(cfg, True)  # fairseq loads checkpoint configs in struct mode
+    model = RMTLanguageModel.build_model(cfg, make_task())
+    assert model.decoder.cfg.memory_write_input == "memory"
