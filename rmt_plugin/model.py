@@ -512,15 +512,23 @@ def _register_family(name, backbone, rmt_mem, xl_mem):
 SMALL_SCALE = dict(pre_lnorm=True, init_std=0.1)
 
 
+def _small_scale(cfg):
+    _set_paper_values(cfg, SMALL_SCALE)
+    # With the paper's write input a small model's memory collapses to one vector for every stream
+    # (docs/memory_in_lm.md, section 2c). Only the RMT layout with memory has a write block.
+    if cfg.num_mem_tokens and getattr(cfg, "memory_layout", None) in (None, "rmt"):
+        _set_defaults(cfg, memory_write_input="learned")
+
+
 def _tiny(cfg):
     _set_defaults(cfg, n_layer=2, d_model=64, n_head=2, d_head=32, d_inner=128, dropout=0.0)
-    _set_paper_values(cfg, SMALL_SCALE)
+    _small_scale(cfg)
 
 
 def _small(cfg):
     # The paper's size for the algorithmic tasks.
     _set_defaults(cfg, n_layer=4, d_model=128, n_head=4, d_head=32, d_inner=512, dropout=0.1)
-    _set_paper_values(cfg, SMALL_SCALE)
+    _small_scale(cfg)
 
 
 # Small sizes for CPU runs and tests (not paper configurations).

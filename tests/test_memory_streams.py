@@ -61,11 +61,12 @@ def train(data, save_dir, *flags):
 def test_rmt_learns_a_copy_stream_through_its_memory(tmp_path):
     """Two symbols copied 7 tokens later, examples back to back, memory never reset: with
     segments of 8 most copies cross a segment border, so only the carried memory solves them
-    (chance: 0.1 per token). Fails when the memory is not learned (e.g. --bptt-depth 0)."""
+    (chance: 0.1 per token). Fails when the memory is not learned (e.g. --bptt-depth 0), and with
+    the paper's write input (--memory-write-input memory: exact match 0.626, accuracy 0.813)."""
     data = tmp_path / "bin"
     main(["write", "--destdir", str(data), "--source-len", "2", "--gap", "4", "--train-size", "20000",
           "--valid-size", "10", "--test-size", "500"])
     result = train(data, tmp_path / "rmt", "--arch", "rmt_tiny", "--num-mem-tokens", "4",
                    "--segments-per-sample", "4", "--bptt-depth", "3", "--max-update", "800")
     assert result["examples"] == 500
-    assert result["accuracy"] > 0.6, result
+    assert result["exact_match"] > 0.9, result
