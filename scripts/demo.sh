@@ -48,14 +48,15 @@ echo "== fairseq-eval-lm on the test split, $UPDATES updates each (bits per char
 python - "$OUT" <<'EOF'
 import json, sys
 out = sys.argv[1]
-print(f"{'model':<16}{'bits/char':>10}{'memory gain':>13}{'cache gain':>12}{'first segment':>15}")
+gains = ("memory_gain", "memory_swap_gain", "cache_gain", "cache_swap_gain")
+print(f"{'model':<16}{'bits/char':>10}" + "".join(f"{g.replace('_gain', '').replace('_', ' '):>13}" for g in gains)
+      + f"{'first segment':>15}")
 for name in ("baseline", "rmt", "transformer_xl"):
     r = json.load(open(f"{out}/{name}/test-diagnostics.json"))
-    gain = lambda key: f"{r[key]:.4f}" if key in r else "-"
-    print(f"{name:<16}{r['loss']:>10.4f}{gain('memory_gain'):>13}{gain('cache_gain'):>12}"
-          f"{r['loss_by_segment']['0']:>15.4f}")
-print("gain: bits/char lost when the memory (cache) is reset at every segment; first segment: the"
-      " loss before any memory or cache exists")
+    print(f"{name:<16}{r['loss']:>10.4f}" + "".join(f"{r[g]:>13.4f}" if g in r else f"{'-':>13}" for g in gains)
+          + f"{r['loss_by_segment']['0']:>15.4f}")
+print("bits/char lost when the memory (cache) is reset at every segment, or swapped for another stream's"
+      " (the content); first segment: the loss before any memory or cache exists")
 EOF
 python scripts/plot_memory_diagnostics.py "$OUT/baseline/test-diagnostics.json:no memory" \
   "$OUT/rmt/test-diagnostics.json:RMT (8 memory tokens)" \
