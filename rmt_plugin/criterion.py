@@ -27,6 +27,22 @@ The paper's code restarts that re-run from the newest, already detached memory (
 an attribute of the tensor instead of its data), which cuts the gradient; we restart from the
 memory of k segments back, as the method describes.
 
+Backward, chain by chain. Both schedules are sequences of *chains*: a chunk, or a segment with the
+k segments it re-runs. A chain starts from a detached memory, so chains are independent for the
+backward: in training the criterion back-propagates each chain as soon as it has run (through
+``optimizer.backward``, so fp16/AMP loss scaling applies) and frees its graph; the gradients are
+those of one backward of the summed loss, and the activations alive at once are one chain's
+(k+1 segments), not the batch's K. The per-batch gradients then accumulate as fairseq's do, over
+``--update-freq`` and, with data parallel, until legacy_ddp reduces them after the step.
+
+Memory replay (``--memory-replay``; Memformer's memory-replay backpropagation): each chain is first
+run without a graph, keeping only the state every segment starts from, then recomputed segment by
+segment in reverse, each back-propagating its loss plus the gradient that reached the memory it
+wrote (see :meth:`RMTLMCriterion.replay_chain`). The RNG state is restored per segment, so dropout
+draws the same masks and the gradients equal the plain schedule's (tested in float64); activations
+alive at once are one segment's whatever the depth, for one more forward per segment (and per
+re-run segment in sliding mode). Chains of one segment (depth 0) run plainly.
+
 Memory-only loss (``--memory-only-loss-weight w``, Tr-XL + RMT only; ours, not the paper's).
 With a cache, the model can predict a segment from the cache alone and leave the memory tokens
 unused. This loss is the LM loss of the same segment run a second time from the same memory but
