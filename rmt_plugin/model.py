@@ -30,7 +30,15 @@ queries the last ``Q = 2m + T`` of them. Segment tokens always see the cache (wi
 ``same_length``); memory tokens see it only with ``--mem-attend-cache``. The cache holds
 segment positions only (detached, as in Dai et al.). Relative distance is query position minus
 key position along that key sequence, so memory blocks, being bidirectional, also use negative
-distances; sinusoids are defined for them, and ``clamp_len`` clamps both signs.
+distances; sinusoids are defined for them, and ``clamp_len`` clamps both signs. Only the distances
+that allowed query-key pairs have are embedded and scored (``build_attention_plan``): with m
+memory tokens and K keys, at most K+m of the K+Q-1 a [Q, K] score matrix spans.
+
+Attention runs through ``F.scaled_dot_product_attention`` with the position scores and the -inf
+mask added into one float ``attn_mask``, so a fused kernel that takes a float mask can run: on the
+CPU the flash kernel runs when the mask needs no gradient (evaluation); in training it carries the
+position scores' gradient and torch picks its math kernel. On GPUs the memory-efficient kernel
+takes such a mask with gradient (not run here: no GPU was available).
 """
 
 import math

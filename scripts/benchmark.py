@@ -11,20 +11,20 @@ batch B streams, Adam):
 
 Every measurement runs in a fresh process (``--worker NAME``), and the repeats are interleaved
 (repeat 1 of every model, then repeat 2, ...); the table gives medians. Per model: training
-tokens/s over ``--train-steps`` steps after one warm-up step (``task.train_step`` and the
-optimizer step, as fairseq-train runs them; our task uses K = ``--segments-per-sample`` segments per
-batch row), eval-lm tokens/s (fairseq-eval-lm's own ``eval_lm`` loop over ``--eval-batches`` batches
-of B x T after one warm-up batch), the process's peak RSS after training, and the peak bytes saved
-for backward during the warm-up step (:func:`rmt_plugin.measure.saved_tensor_peak`; deterministic). A second table
-gives those saved bytes for our RMT against the BPTT depth and K (one process, one batch each).
+tokens/s (median step of ``--train-steps`` after one warm-up step; a step is ``task.train_step``
+and the optimizer step, as fairseq-train runs them; our task uses K = ``--segments-per-sample``
+segments per batch row), eval-lm tokens/s (fairseq-eval-lm's own ``eval_lm`` loop over
+``--eval-batches`` batches of B x T after one warm-up batch), the process's peak RSS after
+training, and the peak bytes saved for backward during the warm-up step
+(:func:`rmt_plugin.measure.saved_tensor_peak`; deterministic). A second table gives those saved
+bytes for our RMT against the BPTT depth and K (one process, one batch each).
 
-The command behind docs/performance.md (about 13 minutes on one core)::
+The command behind docs/performance.md (about 15 minutes on one core)::
 
-    OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python scripts/benchmark.py --data data-bin/wikitext-2-bytes \\
-        --out docs/benchmark.md
+    OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python scripts/benchmark.py --data data-bin/wikitext-2-bytes
 
-``--data`` is a byte-level data-bin (``rmt-prepare-wikitext --level byte``). A quick smoke run:
-``--tiny --repeats 1`` (2 layers, d_model 32, T 16).
+``--data`` is a byte-level data-bin (``rmt-prepare-wikitext --level byte``). ``--out FILE`` also
+writes the tables there; ``--tiny --repeats 1`` is a quick smoke run (2 layers, d_model 32).
 """
 
 import argparse
@@ -40,16 +40,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-MODELS = {  # name -> (flags, row label)
-    "transformer_lm": ("fairseq transformer_lm", "transformer_lm"),
-    "truncated_bptt_xl": ("fairseq truncated_bptt Transformer-XL (HF), mem T", "truncated_bptt"),
-    "baseline": ("ours, baseline (no memory)", "rmt"),
-    "transformer_xl": ("ours, Transformer-XL, mem T", "rmt"),
-    "rmt_chunk": ("ours, RMT m, chunk, depth 1", "rmt"),
-    "rmt_chunk_replay": ("ours, RMT m, chunk, depth 3, --memory-replay", "rmt"),
-    "rmt_sliding": ("ours, RMT m, sliding, depth 3", "rmt"),
-    "rmt_sliding_replay": ("ours, RMT m, sliding, depth 3, --memory-replay", "rmt"),
-    "rmt_xl": ("ours, Tr-XL + RMT (m, mem T), depth 1", "rmt"),
+MODELS = {  # name -> row label
+    "transformer_lm": "fairseq transformer_lm",
+    "truncated_bptt_xl": "fairseq truncated_bptt Transformer-XL (HF), mem T",
+    "baseline": "ours, baseline (no memory)",
+    "transformer_xl": "ours, Transformer-XL, mem T",
+    "rmt_chunk": "ours, RMT m, chunk, depth 1",
+    "rmt_chunk_replay": "ours, RMT m, chunk, depth 3, --memory-replay",
+    "rmt_sliding": "ours, RMT m, sliding, depth 3",
+    "rmt_sliding_replay": "ours, RMT m, sliding, depth 3, --memory-replay",
+    "rmt_xl": "ours, Tr-XL + RMT (m, mem T), depth 1",
 }
 
 
@@ -59,7 +59,8 @@ def parse_args():
     parser.add_argument("--out", help="also write the tables (markdown) here")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per model (median)")
-    parser.add_argument("--train-steps", type=int, default=2, help="timed training steps (after 1 warm-up)")
+    parser.add_argument("--train-steps", type=int, default=3,
+                        help="timed training steps after 1 warm-up (their median tokens/s)")
     parser.add_argument("--eval-batches", type=int, default=16, help="eval-lm batches of B x T tokens")
     parser.add_argument("--tokens-per-sample", type=int, default=128, help="segment length T")
     parser.add_argument("--segments-per-sample", type=int, default=4, help="K, our models' segments per batch row")
@@ -157,10 +158,11 @@ def measure(name, args):
 
     with saved_tensor_peak() as meter:
         step(0)  # warm-up
-    start, tokens = time.perf_counter(), 0
+    rates = []  # the median step: a step slowed down by the machine's other work does not count
     for update in range(1, args.train_steps + 1):
-        tokens += step(update)
-    train_tps = tokens / (time.perf_counter() - start)
+        start = time.perf_counter()
+        rates.append(step(update) / (time.perf_counter() - start))
+    train_tps = statistics.median(rates)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     model.eval()
@@ -177,7 +179,8 @@ def measure(name, args):
         eval_lm([model], task.source_dictionary, batches_of(1), target_dictionary=task.target_dictionary)  # warm-up
         counted.clear()
         start = time.perf_counter()
-        eval_lm([model], task.source_dictionary, batches_of(args.eval_batches), target_dictionary=task.target_dictionary)
+        eval_lm([model], task.source_dictionary, batches_of(args.eval_batches),
+                target_dictionary=task.target_dictionary)
     eval_tps = sum(counted) / (time.perf_counter() - start)
     return dict(train_tps=train_tps, eval_tps=eval_tps, peak_rss_mb=peak_rss_mb, saved_mb=meter["peak"] / 2 ** 20)
 
@@ -237,7 +240,7 @@ def tables(args, results, sweep_rows):
     ref = med.get("transformer_lm")
     for name, r in med.items():
         rel = (lambda key: f"{r[key] / ref[key]:.2f}") if ref else (lambda key: "")
-        lines.append(f"| {MODELS[name][0]} | {r['train_tps']:.0f} | {rel('train_tps')} | {r['eval_tps']:.0f} | "
+        lines.append(f"| {MODELS[name]} | {r['train_tps']:.0f} | {rel('train_tps')} | {r['eval_tps']:.0f} | "
                      f"{rel('eval_tps')} | {r['peak_rss_mb']:.0f} | {r['saved_mb']:.1f} |")
     cost = {name: 1 / r["train_tps"] for name, r in med.items()}
     goals = []
