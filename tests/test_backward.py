@@ -111,3 +111,18 @@ def test_memory_replay_peak_does_not_grow_with_depth(mode):
 
 def test_memory_replay_peak_does_not_grow_with_segments_per_sample():
     assert peak_saved_bytes(5, depth=0, replay=True) <= 1.2 * peak_saved_bytes(1, depth=0, replay=True)
+
+
+@pytest.mark.parametrize("mode", ["chunk", "sliding"])
+def test_memory_replay_gradients_scale_with_the_loss_scale_once(mode):
+    # fp16/AMP's optimizer.backward multiplies every objective by the loss scale; the gradient handed
+    # from segment to segment already carries it and must not be scaled again
+    task = make_task()
+    model = make_model(task, num_mem_tokens=2)
+    criterion = RMTLMCriterion(task, bptt_depth=2, bptt_mode=mode, memory_replay=True)
+    sample = sample_of(3)
+    reference = train_batch(criterion, model, sample, None, per_chain=True)[3]
+    torch.manual_seed(2)
+    criterion.forward_with_state(model, sample, None, backward=lambda objective: (objective * 1024).backward())
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(grad, 1024 * reference[name], rtol=1e-9, atol=1e-9, msg=name)
