@@ -40,8 +40,8 @@ run without a graph, keeping only the state every segment starts from, then reco
 segment in reverse, each back-propagating its loss plus the gradient that reached the memory it
 wrote (see :meth:`RMTLMCriterion.replay_chain`). The RNG state is restored per segment, so dropout
 draws the same masks and the gradients equal the plain schedule's (tested in float64); activations
-alive at once are one segment's whatever the depth, for one more forward per segment (and per
-re-run segment in sliding mode). Chains of one segment (depth 0) run plainly.
+alive at once are one segment's whatever the depth, for k more forwards per chain of k+1 segments
+(chunk: k/(k+1) per segment; sliding: k per segment). Chains of one segment (depth 0) run plainly.
 
 Memory-only loss (``--memory-only-loss-weight w``, Tr-XL + RMT only; ours, not the paper's).
 With a cache, the model can predict a segment from the cache alone and leave the memory tokens
@@ -105,7 +105,8 @@ class RMTLMCriterionConfig(FairseqDataclass):
         default=False,
         metadata={"help": "memory-replay backprop (Memformer): run each chain of segments without a graph, "
                           "then recompute and back-propagate it segment by segment in reverse; the same "
-                          "gradients, peak activations of one segment whatever the depth, ~1 more forward"},
+                          "gradients, peak activations of one segment whatever the depth, k more forwards "
+                          "per chain of k+1 segments"},
     )
     report_accuracy: bool = field(
         default=False, metadata={"help": "log per-token accuracy and exact match (whole row correct)"}
@@ -389,18 +390,18 @@ class RMTLMCriterion(FairseqCriterion):
         the RNG state restored, dropout draws the same masks, so the gradients equal the plain
         chain's. Example, a chain s0 s1 s2 from a detached memory M0::
 
-            no graph: M0 -> s0 -> M1 -> s1 -> M2 -> s2 -> M3      keep (M0, rng0), (M1, rng1), (M2, rng2)
-            s2 from leaf M2: backward loss(s2)                     -> g2 = dM2
+            no graph: M0 -> s0 -> M1 -> s1 -> M2                  keep (M0, rng0), (M1, rng1), (M2, rng2)
+            s2 from leaf M2: backward loss(s2)                     -> g2 = dM2, and M3 to carry on
             s1 from leaf M1: backward loss(s1) + <M2', g2>         -> g1 = dM1
             s0 from M0 (detached): backward loss(s0) + <M1', g1>
 
         Returns the end state (detached); appends the scored segments' detached terms to ``terms``.
         """
-        boundaries = []
-        with torch.no_grad():
-            end, _ = self.run_chain(model, start, chain, scored_from, boundaries)
         device = chain[0][0].device
-        rng_after = _rng_state(device)
+        boundaries = []
+        with torch.no_grad():  # the last segment needs no run here: it is recomputed first
+            last_start, _ = self.run_chain(model, start, chain[:-1], scored_from, boundaries)
+        boundaries.append((last_start, _rng_state(device)))
         chain_terms, memory_grad = [], None
         for i in reversed(range(len(chain))):
             state, rng = boundaries[i]
@@ -410,6 +411,8 @@ class RMTLMCriterion(FairseqCriterion):
                 memory = memory.detach().requires_grad_()
                 state = RMTState(memory, state.cache)
             out, results = self.run_chain(model, state, chain[i:i + 1], 0 if i >= scored_from else 1)
+            if i == len(chain) - 1:  # what the plain chain ends with: its state and RNG state
+                end, rng_after = out.detach(), _rng_state(device)
             segment_terms = [self.segment_terms(model, r) for r in results]
             objective = sum(self.objective(t) for t in segment_terms)
             if memory_grad is not None:
@@ -418,7 +421,7 @@ class RMTLMCriterion(FairseqCriterion):
             memory_grad = memory.grad if i > 0 and memory is not None else None
             chain_terms[:0] = [t.detach() for t in segment_terms]
         terms.extend(chain_terms)
-        _set_rng_state(rng_after, device)  # as the plain chain leaves it
+        _set_rng_state(rng_after, device)
         return end
 
     def run_segment(self, model, tokens, target, state: Optional[RMTState]) -> SegmentResult:

@@ -126,3 +126,17 @@ def test_memory_replay_gradients_scale_with_the_loss_scale_once(mode):
     criterion.forward_with_state(model, sample, None, backward=lambda objective: (objective * 1024).backward())
     for name, grad in gradients(model).items():
         torch.testing.assert_close(grad, 1024 * reference[name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("mode, forwards", [("chunk", 4 + 3), ("sliding", 4 * 4 + 4 * 3)])
+def test_memory_replay_costs_depth_more_forwards_per_chain(mode, forwards):
+    # K=4, depth 3: chunk is one chain of 4 segments; sliding, 4 chains of 4 (segment + 3 re-runs)
+    task = make_task()
+    model = make_model(task, num_mem_tokens=2)
+    calls = []
+    model.decoder.register_forward_hook(lambda *_: calls.append(1))
+    criterion = RMTLMCriterion(task, bptt_depth=3, bptt_mode=mode, memory_replay=True)
+    _, _, _, carried = criterion.forward_with_state(model, sample_of(4, seed=0), None, backward=lambda o: o.backward())
+    calls.clear()  # the second batch: the sliding windows are full
+    criterion.forward_with_state(model, sample_of(4), carried, backward=lambda o: o.backward())
+    assert len(calls) == forwards
