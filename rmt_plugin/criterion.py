@@ -27,6 +27,22 @@ The paper's code restarts that re-run from the newest, already detached memory (
 an attribute of the tensor instead of its data), which cuts the gradient; we restart from the
 memory of k segments back, as the method describes.
 
+Backward, chain by chain. Both schedules are sequences of *chains*: a chunk, or a segment with the
+k segments it re-runs. A chain starts from a detached memory, so chains are independent for the
+backward: in training the criterion back-propagates each chain as soon as it has run (through
+``optimizer.backward``, so fp16/AMP loss scaling applies) and frees its graph; the gradients are
+those of one backward of the summed loss, and the activations alive at once are one chain's
+(k+1 segments), not the batch's K. The per-batch gradients then accumulate as fairseq's do, over
+``--update-freq`` and, with data parallel, until legacy_ddp reduces them after the step.
+
+Memory replay (``--memory-replay``; Memformer's memory-replay backpropagation): each chain is first
+run without a graph, keeping only the state every segment starts from, then recomputed segment by
+segment in reverse, each back-propagating its loss plus the gradient that reached the memory it
+wrote (see :meth:`RMTLMCriterion.replay_chain`). The RNG state is restored per segment, so dropout
+draws the same masks and the gradients equal the plain schedule's (tested in float64); activations
+alive at once are one segment's whatever the depth, for k more forwards per chain of k+1 segments
+(chunk: k/(k+1) per segment; sliding: k per segment). Chains of one segment (depth 0) run plainly.
+
 Memory-only loss (``--memory-only-loss-weight w``, Tr-XL + RMT only; ours, not the paper's).
 With a cache, the model can predict a segment from the cache alone and leave the memory tokens
 unused. This loss is the LM loss of the same segment run a second time from the same memory but
@@ -85,6 +101,13 @@ class RMTLMCriterionConfig(FairseqDataclass):
         metadata={"help": "chunk: detach every bptt_depth+1 segments, one forward per segment; sliding: "
                           "re-run the previous bptt_depth segments for every segment (bptt_depth+1 forwards)"},
     )
+    memory_replay: bool = field(
+        default=False,
+        metadata={"help": "memory-replay backprop (Memformer): run each chain of segments without a graph, "
+                          "then recompute and back-propagate it segment by segment in reverse; the same "
+                          "gradients, peak activations of one segment whatever the depth, k more forwards "
+                          "per chain of k+1 segments"},
+    )
     report_accuracy: bool = field(
         default=False, metadata={"help": "log per-token accuracy and exact match (whole row correct)"}
     )
@@ -113,9 +136,74 @@ class SegmentResult(NamedTuple):
     memory_only_output: Optional[tuple] = None  # the memory-only run: same memory, no cache
 
 
-def _memory_after(result: SegmentResult) -> Tensor:
-    memory = result.net_output[1]["state"].memory
-    return memory if memory is not None else result.net_output[0].new_zeros(())
+class SegmentTerms(NamedTuple):
+    """A scored segment's losses (summed over its targets, nats) and what is logged about it."""
+
+    lm: Tensor
+    memory_only: Optional[Tensor]
+    memory_token: Optional[Tensor]
+    memory_after: Tensor  # the memory it wrote (a 0-d zero without memory), checked to be finite
+    accuracy: Optional[Tuple[Tensor, Tensor]] = None  # --report-accuracy: (correct targets, wrong per row)
+
+    def detach(self) -> "SegmentTerms":
+        return SegmentTerms(*(None if t is None else tuple(x.detach() for x in t) if isinstance(t, tuple)
+                              else t.detach() for t in self))
+
+
+def chunk_schedule(segments, carried: CarriedState, depth: int, run_chain) -> CarriedState:
+    """``chunk``: chains of depth+1 segments, all scored, the memory detached at every chain start.
+    ``run_chain(start, chain, scored_from)`` runs a chain and returns its end state. K=4, k=1::
+
+        M2 = run_chain(M0, [s0, s1], 0); M4 = run_chain(M2.detach(), [s2, s3], 0); carry M4.detach()
+    """
+    state = carried.model_state
+    for first in range(0, len(segments), depth + 1):
+        state = run_chain(state.detach() if state is not None else None, segments[first:first + depth + 1], 0)
+    return CarriedState(state.detach())
+
+
+def sliding_schedule(segments, carried: CarriedState, depth: int, run_chain) -> CarriedState:
+    """``sliding``: one chain per segment, its previous ``depth`` segments re-run (not scored) from
+    the memory the oldest of them started with, then the segment itself. k=2, history (a, Ma), (b, Mb)
+    carried from the previous batch, memory Mc, segments c, d::
+
+        Md = run_chain(Ma, [a, b, c], 2).detach(); Me = run_chain(Mb, [b, c, d], 2).detach()
+        carry Me and the history (c, Mc), (d, Md)
+    """
+    history, state = list(carried.history), carried.model_state
+    for tokens, target in segments:
+        window = history[-depth:]
+        start = window[0][1] if window else state
+        end = run_chain(start, [(past, None) for past, _ in window] + [(tokens, target)], len(window))
+        history = (history + [(tokens, state)])[-depth:]
+        state = end.detach()
+    return CarriedState(state, tuple(history))
+
+
+class _MemoryGradient(torch.autograd.Function):
+    """A zero whose backward hands ``grad`` to ``memory``: memory replay's link between segments.
+    ``grad`` was read from the next segment's backward, so it already carries the loss scale of
+    fp16/AMP (``optimizer.backward`` scales every objective): the incoming scale is ignored."""
+
+    @staticmethod
+    def forward(ctx, memory, grad):
+        ctx.save_for_backward(grad)
+        return memory.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        (grad,) = ctx.saved_tensors
+        return grad, None
+
+
+def _rng_state(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(rng, device):
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state(rng[1], device)
 
 
 class ChecksCriterionAgainstModel:
@@ -137,8 +225,8 @@ class ChecksCriterionAgainstModel:
 
 @register_criterion("rmt_lm", dataclass=RMTLMCriterionConfig)
 class RMTLMCriterion(FairseqCriterion):
-    def __init__(self, task, bptt_depth=1, bptt_mode="chunk", report_accuracy=False, memory_only_loss_weight=0.0,
-                 memory_token_loss_weight=0.0):
+    def __init__(self, task, bptt_depth=1, bptt_mode="chunk", memory_replay=False, report_accuracy=False,
+                 memory_only_loss_weight=0.0, memory_token_loss_weight=0.0):
         super().__init__(task)
         if getattr(getattr(task, "cfg", None), "tokens_per_sample", None) is None:  # no segments to unroll
             raise ValueError(f"--criterion rmt_lm unrolls segments with carried memory and needs --task rmt_lm or "
@@ -153,6 +241,7 @@ class RMTLMCriterion(FairseqCriterion):
         self.memory_token_loss_weight = memory_token_loss_weight
         self.bptt_depth = bptt_depth
         self.bptt_mode = bptt_mode
+        self.memory_replay = memory_replay
         self.report_accuracy = report_accuracy
         self.segment_length = task.cfg.tokens_per_sample
         segments = getattr(task.cfg, "segments_per_sample", None)
@@ -168,17 +257,25 @@ class RMTLMCriterion(FairseqCriterion):
         loss, sample_size, logging_output, _ = self.forward_with_state(model, sample, None)
         return loss, sample_size, logging_output
 
-    def forward_with_state(self, model, sample, carried: Optional[CarriedState]):
-        """Unroll the batch's segments from ``carried``; returns fairseq's triple + the next state."""
+    def forward_with_state(self, model, sample, carried: Optional[CarriedState], backward=None):
+        """Unroll the batch's segments from ``carried``; returns fairseq's triple + the next state.
+
+        ``backward=None``: the loss keeps its graph (validation; the caller back-propagates it).
+        Training passes ``backward`` (``optimizer.backward``, so fp16/AMP loss scaling applies): the
+        criterion back-propagates every chain itself as soon as it has run (see
+        :meth:`unroll_with_backward`) and returns the loss detached, for logging only."""
         self.check_model(model.decoder.num_mem_tokens, model.decoder.mem_len,
                          model.decoder.memory_target is not None)
         tokens = sample["net_input"]["src_tokens"]
         segments = [(t.contiguous(), y.contiguous()) for t, y in zip(
             tokens.split(self.segment_length, dim=1), sample["target"].split(self.segment_length, dim=1))]
-        results, carried = self.unroll(model, segments, carried or CarriedState(None))
-        segment_losses = [self.segment_loss(model, r.net_output, r.target) for r in results]
-        self.warn_if_not_finite(segment_losses, results, sample)
-        loss = sum(segment_losses)
+        if backward is None:
+            results, carried = self.unroll(model, segments, carried or CarriedState(None))
+            terms = [self.segment_terms(model, r) for r in results]
+        else:
+            terms, carried = self.unroll_with_backward(model, segments, carried or CarriedState(None), backward)
+        self.warn_if_not_finite(terms, sample)
+        loss = sum(t.lm for t in terms)
         sample_size = sample["target"].ne(self.padding_idx).sum().item()
         logging_output = {
             "loss": loss.data,
@@ -187,11 +284,11 @@ class RMTLMCriterion(FairseqCriterion):
             "sample_size": sample_size,
         }
         if self.memory_only_loss_weight > 0:
-            memory_only_loss = sum(self.segment_loss(model, r.memory_only_output, r.target) for r in results)
+            memory_only_loss = sum(t.memory_only for t in terms)
             logging_output["memory_only_loss"] = memory_only_loss.data
             loss = loss + self.memory_only_loss_weight * memory_only_loss
         if self.memory_token_loss_weight > 0:
-            memory_token_loss = sum(self.memory_token_loss(model, r.net_output, r.target) for r in results)
+            memory_token_loss = sum(t.memory_token for t in terms)
             logging_output["memory_token_loss"] = memory_token_loss.data
             loss = loss + self.memory_token_loss_weight * memory_token_loss
         memory = carried.model_state.memory if carried.model_state is not None else None
@@ -199,22 +296,24 @@ class RMTLMCriterion(FairseqCriterion):
             logging_output["mem_norm"] = memory.float().norm(dim=-1).mean().item()
             logging_output["mem_batches"] = 1
         if self.report_accuracy:
-            logging_output.update(self.accuracy_counts(model, results))
+            wrong_per_row = sum(t.accuracy[1] for t in terms)
+            logging_output.update(n_correct=int(sum(t.accuracy[0] for t in terms)),
+                                  n_exact=int((wrong_per_row == 0).sum()), n_rows=len(wrong_per_row))
         return loss, sample_size, logging_output, carried
 
-    def warn_if_not_finite(self, segment_losses, results, sample):
+    def warn_if_not_finite(self, terms, sample):
         """Name the first segment whose loss or next memory is NaN/inf. fairseq itself only sees
         the gradients afterwards ("gradients are Nan/Inf") and re-runs the batch under its NaN
         detector, from the same memory (see RMTLMTask._resume). One device sync per batch.
         Example: ``non-finite memory at update 7, train batch 3, segment 2 of 3``."""
-        finite = [torch.isfinite(loss) & torch.isfinite(_memory_after(r)).all() for loss, r in zip(segment_losses, results)]
+        finite = [torch.isfinite(t.lm) & torch.isfinite(t.memory_after).all() for t in terms]
         if bool(torch.stack(finite).all()):
             return
         j = next(j for j, ok in enumerate(finite) if not ok)
-        what = "loss" if not torch.isfinite(segment_losses[j]) else "memory"
+        what = "loss" if not torch.isfinite(terms[j].lm) else "memory"
         stream = sample.get("stream", {})
         logger.warning(f"non-finite {what} at update {stream.get('update')}, {stream.get('split')} batch "
-                       f"{stream.get('index')}, segment {j + 1} of {len(results)}")
+                       f"{stream.get('index')}, segment {j + 1} of {len(terms)}")
 
     def check_model(self, num_mem_tokens: int, mem_len: int, memory_target_token: bool):
         """One-line error for flags that do not fit the model."""
@@ -231,35 +330,99 @@ class RMTLMCriterion(FairseqCriterion):
             )
 
     # ------------------------------------------------------------------ the BPTT schedule
-    def unroll(self, model, segments, carried: CarriedState):
-        """Run ``segments`` [(tokens, target), ...] in order; see the module docstring."""
+    def schedule(self, model):
+        """The schedule function for this model (module docstring); no memory means depth 0."""
         depth = self.bptt_depth if model.decoder.num_mem_tokens > 0 else 0
         if self.bptt_mode == "sliding" and depth > 0:
-            return self._unroll_sliding(model, segments, carried, depth)
-        return self._unroll_chunks(model, segments, carried, depth)
+            return lambda segments, carried, run_chain: sliding_schedule(segments, carried, depth, run_chain)
+        return lambda segments, carried, run_chain: chunk_schedule(segments, carried, depth, run_chain)
 
-    def _unroll_chunks(self, model, segments, carried, depth):
-        state, results = carried.model_state, []
-        for j, (tokens, target) in enumerate(segments):
-            if j % (depth + 1) == 0 and state is not None:
-                state = state.detach()
-            result = self.run_segment(model, tokens, target, state)
-            state = result.net_output[1]["state"]
-            results.append(result)
-        return results, CarriedState(state.detach())
+    def unroll(self, model, segments, carried: CarriedState):
+        """Run ``segments`` [(tokens, target), ...] keeping every graph; returns the scored segments'
+        results and the state to carry (validation, and the tests that read gradients per segment)."""
+        results = []
 
-    def _unroll_sliding(self, model, segments, carried, depth):
-        history, state, results = list(carried.history), carried.model_state, []
-        for tokens, target in segments:
-            window = history[-depth:]
-            replay = window[0][1] if window else state
-            for past_tokens, _ in window:
-                replay = model(past_tokens, state=replay)[1]["state"]
-            result = self.run_segment(model, tokens, target, replay)
-            results.append(result)
-            history = (history + [(tokens, state)])[-depth:]
-            state = result.net_output[1]["state"].detach()
-        return results, CarriedState(state, tuple(history))
+        def run_chain(start, chain, scored_from):
+            end, chain_results = self.run_chain(model, start, chain, scored_from)
+            results.extend(chain_results)
+            return end
+
+        return results, self.schedule(model)(segments, carried, run_chain)
+
+    def unroll_with_backward(self, model, segments, carried: CarriedState, backward):
+        """Training: like :meth:`unroll`, but every chain is back-propagated (``backward(objective)``)
+        as soon as it has run and its graph freed, so only one chain's activations are alive at a
+        time (one segment's with ``--memory-replay``). Returns the detached terms of the scored
+        segments and the state to carry."""
+        terms = []
+
+        def run_chain(start, chain, scored_from):
+            if self.memory_replay and len(chain) > 1:
+                return self.replay_chain(model, start, chain, scored_from, backward, terms)
+            end, results = self.run_chain(model, start, chain, scored_from)
+            chain_terms = [self.segment_terms(model, r) for r in results]
+            backward(sum(self.objective(t) for t in chain_terms))
+            terms.extend(t.detach() for t in chain_terms)
+            return end
+
+        return terms, self.schedule(model)(segments, carried, run_chain)
+
+    def run_chain(self, model, state, chain, scored_from, boundaries=None):
+        """Run ``chain`` [(tokens, target), ...] from ``state``; ``chain[scored_from:]`` are scored
+        (``run_segment``), the others only re-run for their memory. Returns the end state and the
+        scored results; ``boundaries`` (a list) gets the state and RNG state before each segment."""
+        results = []
+        for i, (tokens, target) in enumerate(chain):
+            if boundaries is not None:
+                boundaries.append((state, _rng_state(tokens.device)))
+            if i >= scored_from:
+                results.append(self.run_segment(model, tokens, target, state))
+                state = results[-1].net_output[1]["state"]
+            else:
+                state = model(tokens, state=state)[1]["state"]
+        return state, results
+
+    def replay_chain(self, model, start, chain, scored_from, backward, terms):
+        """Memory-replay backprop of one chain (Memformer; ``--memory-replay``): run it without a
+        graph, keeping only the state (and RNG state) each segment starts from, then recompute the
+        segments in reverse, one graph at a time. Segment i back-propagates its own objective plus,
+        through the memory it wrote, the gradient that segment i+1 left on its input memory. With
+        the RNG state restored, dropout draws the same masks, so the gradients equal the plain
+        chain's. Example, a chain s0 s1 s2 from a detached memory M0::
+
+            no graph: M0 -> s0 -> M1 -> s1 -> M2                  keep (M0, rng0), (M1, rng1), (M2, rng2)
+            s2 from leaf M2: backward loss(s2)                     -> g2 = dM2, and M3 to carry on
+            s1 from leaf M1: backward loss(s1) + <M2', g2>         -> g1 = dM1
+            s0 from M0 (detached): backward loss(s0) + <M1', g1>
+
+        Returns the end state (detached); appends the scored segments' detached terms to ``terms``.
+        """
+        device = chain[0][0].device
+        boundaries = []
+        with torch.no_grad():  # the last segment needs no run here: it is recomputed first
+            last_start, _ = self.run_chain(model, start, chain[:-1], scored_from, boundaries)
+        boundaries.append((last_start, _rng_state(device)))
+        chain_terms, memory_grad = [], None
+        for i in reversed(range(len(chain))):
+            state, rng = boundaries[i]
+            _set_rng_state(rng, device)
+            memory = state.memory if state is not None else None
+            if i > 0 and memory is not None:
+                memory = memory.detach().requires_grad_()
+                state = RMTState(memory, state.cache)
+            out, results = self.run_chain(model, state, chain[i:i + 1], 0 if i >= scored_from else 1)
+            if i == len(chain) - 1:  # what the plain chain ends with: its state and RNG state
+                end, rng_after = out.detach(), _rng_state(device)
+            segment_terms = [self.segment_terms(model, r) for r in results]
+            objective = sum(self.objective(t) for t in segment_terms)
+            if memory_grad is not None:
+                objective = objective + _MemoryGradient.apply(out.memory, memory_grad)
+            backward(objective)
+            memory_grad = memory.grad if i > 0 and memory is not None else None
+            chain_terms[:0] = [t.detach() for t in segment_terms]
+        terms.extend(chain_terms)
+        _set_rng_state(rng_after, device)
+        return end
 
     def run_segment(self, model, tokens, target, state: Optional[RMTState]) -> SegmentResult:
         """The segment's forward, plus the memory-only run when --memory-only-loss-weight is on."""
@@ -292,16 +455,34 @@ class RMTLMCriterion(FairseqCriterion):
         mean = self.segment_loss(model, (model.decoder.output_layer(memory), None), memory_target) / memory_target.numel()
         return mean * target.ne(self.padding_idx).sum()
 
-    def accuracy_counts(self, model, results):
-        if getattr(model.decoder, "adaptive_softmax", None) is not None:
-            raise ValueError("--report-accuracy needs a full softmax (drop --adaptive-softmax-cutoff)")
-        wrong_per_row, n_correct = 0, 0
-        for r in results:
-            mask = r.target.ne(self.padding_idx)
-            correct = r.net_output[0].argmax(-1).eq(r.target) & mask
-            n_correct += correct.sum().item()
-            wrong_per_row = wrong_per_row + (mask & ~correct).sum(dim=1)
-        return {"n_correct": n_correct, "n_exact": int((wrong_per_row == 0).sum()), "n_rows": len(wrong_per_row)}
+    def segment_terms(self, model, result: SegmentResult) -> SegmentTerms:
+        """The losses of one scored segment (with their graphs) and what is logged about it."""
+        memory = result.net_output[1]["state"].memory
+        accuracy = None
+        if self.report_accuracy:
+            if getattr(model.decoder, "adaptive_softmax", None) is not None:
+                raise ValueError("--report-accuracy needs a full softmax (drop --adaptive-softmax-cutoff)")
+            mask = result.target.ne(self.padding_idx)
+            correct = result.net_output[0].argmax(-1).eq(result.target) & mask
+            accuracy = correct.sum(), (mask & ~correct).sum(dim=1)
+        return SegmentTerms(
+            lm=self.segment_loss(model, result.net_output, result.target),
+            memory_only=(self.segment_loss(model, result.memory_only_output, result.target)
+                         if self.memory_only_loss_weight > 0 else None),
+            memory_token=(self.memory_token_loss(model, result.net_output, result.target)
+                          if self.memory_token_loss_weight > 0 else None),
+            memory_after=memory if memory is not None else result.net_output[0].new_zeros(()),
+            accuracy=accuracy,
+        )
+
+    def objective(self, terms: SegmentTerms) -> Tensor:
+        """What training minimises for one segment: ``lm + w * memory_only + w' * memory_token``."""
+        objective = terms.lm
+        if terms.memory_only is not None:
+            objective = objective + self.memory_only_loss_weight * terms.memory_only
+        if terms.memory_token is not None:
+            objective = objective + self.memory_token_loss_weight * terms.memory_token
+        return objective
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

@@ -30,7 +30,15 @@ queries the last ``Q = 2m + T`` of them. Segment tokens always see the cache (wi
 ``same_length``); memory tokens see it only with ``--mem-attend-cache``. The cache holds
 segment positions only (detached, as in Dai et al.). Relative distance is query position minus
 key position along that key sequence, so memory blocks, being bidirectional, also use negative
-distances; sinusoids are defined for them, and ``clamp_len`` clamps both signs.
+distances; sinusoids are defined for them, and ``clamp_len`` clamps both signs. Only the distances
+that allowed query-key pairs have are embedded and scored (``build_attention_plan``): with m
+memory tokens and K keys, at most K+m of the K+Q-1 a [Q, K] score matrix spans.
+
+Attention runs through ``F.scaled_dot_product_attention`` with the position scores and the -inf
+mask added into one float ``attn_mask``, so a fused kernel that takes a float mask can run: on the
+CPU the flash kernel runs when the mask needs no gradient (evaluation); in training it carries the
+position scores' gradient and torch picks its math kernel. On GPUs the memory-efficient kernel
+takes such a mask with gradient (not run here: no GPU was available).
 """
 
 import math
@@ -180,7 +188,8 @@ class AttentionPlan(NamedTuple):
     """Everything about one (cache length, segment length) shape that all layers share."""
 
     bias: Tensor  # [Q, K] float: 0 where allowed, -inf where masked
-    pos_emb: Tensor  # [K + Q - 1, d] sinusoids of the distances K-1 down to -(Q-1), clamped
+    pos_emb: Tensor  # [n, d] sinusoids of the distances max_distance down to max_distance - n + 1, clamped
+    max_distance: int  # the largest distance an allowed query-key pair has (see relative_scores)
     segment: slice  # query rows that are segment tokens
     next_memory: slice  # query rows whose outputs become the next memory
 
@@ -251,13 +260,14 @@ class RMTDecoder(FairseqDecoder):
             h = torch.cat(blocks, dim=1)
         h = self.dropout(h)
         pos_emb = self.dropout(plan.pos_emb.to(h.dtype))
+        positions = (pos_emb, plan.max_distance)
 
         new_cache = [] if self.mem_len > 0 else None
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache else None
             if new_cache is not None:
                 new_cache.append(self._update_cache(layer_cache, h[:, plan.segment]))
-            h = layer(h, layer_cache, pos_emb, plan.bias)
+            h = layer(h, layer_cache, positions, plan.bias)
         if self.final_norm is not None:
             h = self.final_norm(h)
         next_memory = h[:, plan.next_memory] if m > 0 else None
@@ -344,7 +354,14 @@ def build_attention_plan(seg_len, cache_len, m, layout, mem_attend_cache, same_l
     allowed = allowed_attention(seg_len, cache_len, m, layout, mem_attend_cache, same_length, mem_len)
     q_len, k_len = allowed.shape
     bias = torch.zeros(q_len, k_len).masked_fill_(~allowed, float("-inf"))
-    distances = torch.arange(k_len - 1, -q_len, -1.0)
+    # Only the distances some allowed pair has (see relative_scores): with a cache L and segment T,
+    # L+T-1 down to 0, and down to -(m-1) with memory tokens (bidirectional within their block),
+    # instead of all K+Q-1 a [Q, K] matrix spans. At least K+1 rows, so the skewed view of
+    # relative_scores never overlaps itself (an overlapping view has a slow backward).
+    used = (torch.arange(q_len)[:, None] + (k_len - q_len) - torch.arange(k_len)[None, :])[allowed]
+    max_distance = max(int(used.max()), k_len - q_len)
+    min_distance = min(int(used.min()), max_distance - k_len)
+    distances = torch.arange(max_distance, min_distance - 1, -1.0)
     if clamp_len > 0:
         distances = distances.clamp(-clamp_len, clamp_len)
     read = m if m > 0 else 0
@@ -353,21 +370,26 @@ def build_attention_plan(seg_len, cache_len, m, layout, mem_attend_cache, same_l
     else:
         next_memory = slice(0, read)
     pos_emb = sinusoid(distances, d_model)
-    return AttentionPlan(bias.to(device), pos_emb.to(device), slice(read, read + seg_len), next_memory)
+    return AttentionPlan(bias.to(device), pos_emb.to(device), max_distance, slice(read, read + seg_len), next_memory)
 
 
-def relative_scores(q_r: Tensor, r_k: Tensor, k_len: int) -> Tensor:
+def relative_scores(q_r: Tensor, r_k: Tensor, k_len: int, max_distance: int) -> Tensor:
     """Position scores ``BD[b, h, i, j] = q_r[b, h, i] . r_k[dist(i, j)]`` without a Python loop.
 
-    ``r_k`` [H, K+Q-1, Dh] holds one row per distance, from K-1 down to -(Q-1); query i sits at
-    key position K-Q+i, so the row for key j is ``j - i + Q - 1``: a diagonal skew of
-    ``q_r @ r_k^T``, read with a strided view (Transformer-XL's "rel_shift", generalised to
-    negative distances).
+    ``r_k`` [H, n, Dh] holds one row per distance, from ``max_distance`` down; query i sits at key
+    position K-Q+i, so the row for key j is ``max_distance - (K-Q+i-j)``: a diagonal skew of
+    ``q_r @ r_k^T`` [B, H, Q, n], read with a strided view (Transformer-XL's "rel_shift",
+    generalised to negative distances). ``r_k`` covers only the distances of allowed pairs
+    (``build_attention_plan``); for a masked pair the view may read a neighbouring row's score
+    instead, which the mask's -inf discards (and whose gradient is therefore zero). Example, Q=K=2
+    (no cache), distances 1, 0, -1: row 0 reads columns (1, 2) = distances (0, -1), row 1 columns
+    (0, 1) = distances (1, 0). With n = K+Q-1 every read is in its own row.
     """
-    full = torch.matmul(q_r, r_k.transpose(-1, -2)).contiguous()  # [B, H, Q, K+Q-1]
+    full = torch.matmul(q_r, r_k.transpose(-1, -2)).contiguous()  # [B, H, Q, n]
     bsz, heads, q_len, n_dist = full.shape
     s_b, s_h, s_q, s_d = full.stride()
-    return full.as_strided((bsz, heads, q_len, k_len), (s_b, s_h, s_q - s_d, s_d), full.storage_offset() + q_len - 1)
+    offset = max_distance - (k_len - q_len)
+    return full.as_strided((bsz, heads, q_len, k_len), (s_b, s_h, s_q - s_d, s_d), full.storage_offset() + offset)
 
 
 class RelMultiheadAttention(nn.Module):
@@ -390,13 +412,15 @@ class RelMultiheadAttention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         return x.view(x.size(0), x.size(1), self.n_head, self.d_head).transpose(1, 2)
 
-    def forward(self, h: Tensor, keys_in: Tensor, pos_emb: Tensor, bias: Tensor) -> Tensor:
+    def forward(self, h: Tensor, keys_in: Tensor, positions, bias: Tensor) -> Tensor:
+        """``positions``: (sinusoids of the plan's distances, the largest of them)."""
+        pos_emb, max_distance = positions
         inner = self.n_head * self.d_head
         w_q, w_kv = self.qkv_net.weight.split([inner, 2 * inner])
         q = self._heads(F.linear(h, w_q))
         k, v = (self._heads(t) for t in F.linear(keys_in, w_kv).chunk(2, dim=-1))
         r_k = self.r_net(pos_emb).view(-1, self.n_head, self.d_head).transpose(0, 1)
-        position = relative_scores(q + self.r_r_bias.unsqueeze(1), r_k, keys_in.size(1))
+        position = relative_scores(q + self.r_r_bias.unsqueeze(1), r_k, keys_in.size(1), max_distance)
         attn_bias = position * self.scale + bias
         out = F.scaled_dot_product_attention(
             q + self.r_w_bias.unsqueeze(1), k, v, attn_mask=attn_bias.to(q.dtype),
@@ -421,13 +445,13 @@ class RelDecoderLayer(nn.Module):
         self.ff_norm = nn.LayerNorm(cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, h: Tensor, cache: Optional[Tensor], pos_emb: Tensor, bias: Tensor) -> Tensor:
+    def forward(self, h: Tensor, cache: Optional[Tensor], positions, bias: Tensor) -> Tensor:
         keys_in = h if cache is None else torch.cat([cache, h], dim=1)
         if self.pre_lnorm:
             normed = self.attn_norm(keys_in)
-            h = h + self.dropout(self.attn(normed[:, -h.size(1):], normed, pos_emb, bias))
+            h = h + self.dropout(self.attn(normed[:, -h.size(1):], normed, positions, bias))
             return h + self.ff(self.ff_norm(h))
-        h = self.attn_norm(h + self.dropout(self.attn(h, keys_in, pos_emb, bias)))
+        h = self.attn_norm(h + self.dropout(self.attn(h, keys_in, positions, bias)))
         return self.ff_norm(h + self.ff(h))
 
 

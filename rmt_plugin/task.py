@@ -290,17 +290,22 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         # must not depend on the stream's memory, nor move it.
         state = None if ignore_grad else self._resume("train", sample)
         sample["stream"]["update"] = update_num  # for the criterion's messages
+
+        def backward(objective):
+            # The criterion back-propagates each chain of segments as soon as it has run (several
+            # backwards per batch; gradients accumulate, legacy_ddp reduces them after the step).
+            with torch.autograd.profiler.record_function("backward"), torch.autocast("cuda", enabled=False):
+                optimizer.backward(objective * 0 if ignore_grad else objective)
+
         with torch.autograd.profiler.record_function("forward"):
             with torch.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):
                 loss, sample_size, logging_output, next_state = criterion.forward_with_state(
-                    model, sample, state
+                    model, sample, state, backward=backward
                 )
         if ignore_grad:
             loss *= 0
         else:
             self._remember("train", sample, next_state, state)
-        with torch.autograd.profiler.record_function("backward"):
-            optimizer.backward(loss)
         return loss, sample_size, logging_output
 
     def valid_step(self, sample, model, criterion):

@@ -9,7 +9,8 @@ from fairseq import metrics
 from fairseq.data import Dictionary
 
 from rmt_plugin.criterion import CarriedState, RMTLMCriterion
-from rmt_plugin.model import RMTConfig, RMTLanguageModel, RMTState, allowed_attention
+from rmt_plugin.model import (RMTConfig, RMTLanguageModel, RMTState, allowed_attention, build_attention_plan,
+                              relative_scores, sinusoid)
 
 SEG_LEN = 3
 
@@ -96,6 +97,38 @@ def test_same_length_gives_every_segment_token_mem_len_keys():
         [0, 0, 0, 1, 1, 1],
     ], dtype=torch.bool)
     assert torch.equal(allowed_attention(3, 3, 0, "rmt", False, True, 3), expected)
+
+
+@pytest.mark.parametrize("seg_len, cache_len, m, layout, mem_attend_cache, same_length, clamp_len", [
+    (3, 0, 2, "rmt", False, False, -1), (3, 4, 2, "rmt", True, False, -1), (3, 4, 0, "rmt", False, True, -1),
+    (3, 2, 2, "memtr", False, False, 2), (3, 4, 2, "rmt", False, True, 3),
+])
+def test_relative_scores_are_those_of_each_allowed_pairs_distance(seg_len, cache_len, m, layout, mem_attend_cache,
+                                                                   same_length, clamp_len):
+    mem_len = max(cache_len, 1)
+    plan = build_attention_plan(seg_len, cache_len, m, layout, mem_attend_cache, same_length, mem_len, clamp_len,
+                                8, "cpu")
+    allowed = plan.bias == 0
+    q_len, k_len = allowed.shape
+    torch.manual_seed(0)
+    q_r, r_net = torch.randn(2, 3, q_len, 4, dtype=torch.float64), torch.randn(8, 3 * 4, dtype=torch.float64)
+    r_k = (plan.pos_emb.double() @ r_net).view(-1, 3, 4).transpose(0, 1)
+    scores = relative_scores(q_r, r_k, k_len, plan.max_distance)
+    distance = torch.arange(q_len)[:, None] + (k_len - q_len) - torch.arange(k_len)[None, :]
+    clamped = distance.clamp(-clamp_len, clamp_len) if clamp_len > 0 else distance
+    r_pair = (sinusoid(clamped.flatten(), 8).double() @ r_net).view(q_len, k_len, 3, 4)
+    by_pair = torch.einsum("bhid,ijhd->bhij", q_r, r_pair)
+    torch.testing.assert_close(scores[..., allowed], by_pair[..., allowed])
+    # only the distances allowed pairs have (and one more without memory, for a view that never overlaps)
+    used = distance[allowed]
+    needed = int(used.max() - used.min()) + 1
+    assert len(plan.pos_emb) == max(needed, k_len + 1)
+
+
+def test_rmt_and_transformer_xl_compute_far_fewer_distances_than_the_score_matrix_spans():
+    # the sizes: T=128 with m=16 (K=Q=160: 319 distances spanned), Transformer-XL mem 128 (383)
+    assert len(build_attention_plan(128, 0, 16, "rmt", False, False, 0, -1, 8, "cpu").pos_emb) == 175
+    assert len(build_attention_plan(128, 128, 0, "rmt", False, False, 128, -1, 8, "cpu").pos_emb) == 257
 
 
 # --------------------------------------------------------------------------- information flow

@@ -30,6 +30,12 @@ VARIANTS = {  # every kind of state the criterion carries between batches
     "rmt_xl": ["--arch", "rmt_xl_tiny", "--num-mem-tokens", "4", "--mem-len", "16", "--bptt-depth", "1"],
     "rmt_chunk_2_ranks": ["--arch", "rmt_tiny", "--num-mem-tokens", "4", "--bptt-depth", "1",
                           "--distributed-world-size", "2"],
+    # memory replay (its RNG restores, with dropout on) with --update-freq, and on 2 ranks in sliding mode
+    "rmt_replay_update_freq": ["--arch", "rmt_tiny", "--num-mem-tokens", "4", "--bptt-depth", "1",
+                               "--memory-replay", "--dropout", "0.1", "--update-freq", "2"],
+    "rmt_sliding_replay_2_ranks": ["--arch", "rmt_tiny", "--num-mem-tokens", "4", "--bptt-depth", "1",
+                                   "--bptt-mode", "sliding", "--memory-replay", "--dropout", "0.1",
+                                   "--distributed-world-size", "2"],
 }
 
 

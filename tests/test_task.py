@@ -167,7 +167,7 @@ class RecordingCriterion:
     def __init__(self):
         self.calls = []  # (split, index, received state, returned state)
 
-    def forward_with_state(self, model, sample, state):
+    def forward_with_state(self, model, sample, state, backward=None):
         if state is not None and not model.training:
             # A criterion may update its memory in place: a validation pass must never be
             # handed the training memory.
@@ -176,7 +176,9 @@ class RecordingCriterion:
         info = sample["stream"]
         self.calls.append((info["split"], info["index"], state, next_state))
         loss = (model.weight * sample["target"].float().mean()).sum()
-        return loss, sample["ntokens"], {}, next_state
+        if backward is not None:
+            backward(loss)
+        return loss.detach(), sample["ntokens"], {}, next_state
 
 
 class TinyModel(torch.nn.Linear):

@@ -1,0 +1,293 @@
+#!/usr/bin/env python
+"""Side-by-side speed and memory of fairseq's language models and ours, at equal size (CPU).
+
+Models (all 4 layers, d_model 256, 4 x 64 heads, d_inner 1024, dropout 0.1 by default; segment T,
+batch B streams, Adam):
+
+    fairseq transformer_lm          --task language_modeling (blocks of T tokens, no memory)
+    fairseq truncated_bptt Tr-XL    fairseq's examples/truncated_bptt (HuggingFace TransfoXL), mem T
+    ours: baseline, Transformer-XL (mem T), RMT (m, chunk depth 1; chunk depth 3 with
+          --memory-replay; sliding depth 3, with and without replay), Tr-XL + RMT (m, mem T, depth 1)
+
+Every measurement runs in a fresh process (``--worker NAME``), and the repeats are interleaved
+(repeat 1 of every model, then repeat 2, ...); the table gives medians. Per model: training
+tokens/s (median step of ``--train-steps`` after one warm-up step; a step is ``task.train_step``
+and the optimizer step, as fairseq-train runs them; our task uses K = ``--segments-per-sample``
+segments per batch row), eval-lm tokens/s (fairseq-eval-lm's own ``eval_lm`` loop over
+``--eval-batches`` batches of B x T after one warm-up batch), the process's peak RSS after
+training, and the peak bytes saved for backward during the warm-up step
+(:func:`rmt_plugin.measure.saved_tensor_peak`; deterministic). A second table gives those saved
+bytes for our RMT against the BPTT depth and K (one process, one batch each).
+
+The command behind docs/performance.md (about 15 minutes on one core)::
+
+    OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python scripts/benchmark.py --data data-bin/wikitext-2-bytes
+
+``--data`` is a byte-level data-bin (``rmt-prepare-wikitext --level byte``). ``--out FILE`` also
+writes the tables there; ``--tiny --repeats 1`` is a quick smoke run (2 layers, d_model 32).
+"""
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+MODELS = {  # name -> row label
+    "transformer_lm": "fairseq transformer_lm",
+    "truncated_bptt_xl": "fairseq truncated_bptt Transformer-XL (HF), mem T",
+    "baseline": "ours, baseline (no memory)",
+    "transformer_xl": "ours, Transformer-XL, mem T",
+    "rmt_chunk": "ours, RMT m, chunk, depth 1",
+    "rmt_chunk_replay": "ours, RMT m, chunk, depth 3, --memory-replay",
+    "rmt_sliding": "ours, RMT m, sliding, depth 3",
+    "rmt_sliding_replay": "ours, RMT m, sliding, depth 3, --memory-replay",
+    "rmt_xl": "ours, Tr-XL + RMT (m, mem T), depth 1",
+}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="byte-level data-bin (train and valid splits)")
+    parser.add_argument("--out", help="also write the tables (markdown) here")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per model (median)")
+    parser.add_argument("--train-steps", type=int, default=3,
+                        help="timed training steps after 1 warm-up (their median tokens/s)")
+    parser.add_argument("--eval-batches", type=int, default=16, help="eval-lm batches of B x T tokens")
+    parser.add_argument("--tokens-per-sample", type=int, default=128, help="segment length T")
+    parser.add_argument("--segments-per-sample", type=int, default=4, help="K, our models' segments per batch row")
+    parser.add_argument("--batch-size", type=int, default=8, help="B streams (rows)")
+    parser.add_argument("--num-mem-tokens", type=int, default=16, help="RMT memory size m")
+    parser.add_argument("--tiny", action="store_true", help="2 layers, d_model 32, T 16 (smoke test)")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the memory against depth and K table")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def size(args):
+    if args.tiny:
+        return dict(layers=2, d_model=32, heads=2, d_head=16, d_inner=64)
+    return dict(layers=4, d_model=256, heads=4, d_head=64, d_inner=1024)
+
+
+def train_flags(name, args):
+    """fairseq-train flags (after the data directory) of model ``name``."""
+    s, T, m = size(args), args.tokens_per_sample, args.num_mem_tokens
+    common = ["--optimizer", "adam", "--lr", "1e-4", "--batch-size", str(args.batch_size), "--cpu",
+              "--num-workers", "0", "--seed", "1", "--dropout", "0.1", "--tokens-per-sample", str(T)]
+    if name == "transformer_lm":
+        return common + ["--task", "language_modeling", "--sample-break-mode", "none", "--arch", "transformer_lm",
+                         "--decoder-layers", str(s["layers"]), "--decoder-embed-dim", str(s["d_model"]),
+                         "--decoder-ffn-embed-dim", str(s["d_inner"]), "--decoder-attention-heads", str(s["heads"]),
+                         "--share-decoder-input-output-embed", "--criterion", "cross_entropy"]
+    if name == "truncated_bptt_xl":
+        import fairseq
+
+        user_dir = Path(fairseq.__file__).parent / "examples" / "truncated_bptt"
+        return common + ["--user-dir", str(user_dir), "--task", "truncated_bptt_lm", "--arch", "transformer_xl",
+                         "--n-layer", str(s["layers"]), "--d-model", str(s["d_model"]), "--n-head", str(s["heads"]),
+                         "--d-head", str(s["d_head"]), "--d-inner", str(s["d_inner"]), "--mem-len", str(T),
+                         "--criterion", "cross_entropy"]
+    ours = common + ["--user-dir", str(REPO / "rmt_plugin"), "--task", "rmt_lm", "--arch", "rmt",
+                     "--segments-per-sample", str(args.segments_per_sample), "--n-layer", str(s["layers"]),
+                     "--d-model", str(s["d_model"]), "--n-head", str(s["heads"]), "--d-head", str(s["d_head"]),
+                     "--d-inner", str(s["d_inner"]), "--criterion", "rmt_lm"]
+    memory = ["--num-mem-tokens", str(m)]
+    return ours + {
+        "baseline": ["--bptt-depth", "0"],
+        "transformer_xl": ["--mem-len", str(T), "--bptt-depth", "0"],
+        "rmt_chunk": memory + ["--bptt-depth", "1"],
+        "rmt_chunk_replay": memory + ["--bptt-depth", "3", "--memory-replay"],
+        "rmt_sliding": memory + ["--bptt-depth", "3", "--bptt-mode", "sliding"],
+        "rmt_sliding_replay": memory + ["--bptt-depth", "3", "--bptt-mode", "sliding", "--memory-replay"],
+        "rmt_xl": memory + ["--mem-len", str(T), "--bptt-depth", "1"],
+    }[name]
+
+
+# ----------------------------------------------------------------------------- one process per measurement
+def setup(data, flags):
+    """fairseq's task, model, criterion and optimizer for ``flags``, as fairseq-train builds them."""
+    from fairseq import options, optim, tasks, utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), [data, *flags]))
+    utils.import_user_module(cfg.common)
+    task = tasks.setup_task(cfg.task)
+    for split in ("train", "valid"):
+        task.load_dataset(split)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    optimizer = optim.build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
+    return cfg, task, model, criterion, optimizer
+
+
+def batches(cfg, task, model, split, batch_size):
+    from fairseq import utils
+
+    return task.get_batch_iterator(
+        dataset=task.dataset(split), max_sentences=batch_size,
+        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+        ignore_invalid_inputs=True,
+    ).next_epoch_itr(shuffle=False)
+
+
+def measure(name, args):
+    import torch
+    from fairseq_cli.eval_lm import eval_lm
+
+    from rmt_plugin.measure import saved_tensor_peak
+
+    cfg, task, model, criterion, optimizer = setup(args.data, train_flags(name, args))
+    train = batches(cfg, task, model, "train", args.batch_size)
+
+    def step(update):
+        sample = next(train)
+        task.train_step(sample, model, criterion, optimizer, update)
+        optimizer.step()
+        optimizer.zero_grad()
+        return sample["ntokens"]
+
+    with saved_tensor_peak() as meter:
+        step(0)  # warm-up
+    rates = []  # the median step: a step slowed down by the machine's other work does not count
+    for update in range(1, args.train_steps + 1):
+        start = time.perf_counter()
+        rates.append(step(update) / (time.perf_counter() - start))
+    train_tps = statistics.median(rates)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    model.eval()
+    loader = task.eval_lm_dataloader(task.dataset("valid"), max_tokens=None, batch_size=args.batch_size,
+                                     max_positions=args.tokens_per_sample, num_workers=0)
+    counted = []
+
+    def batches_of(n):
+        for sample in itertools.islice(loader, n):
+            counted.append(sample["ntokens"])
+            yield sample
+
+    with torch.no_grad():
+        eval_lm([model], task.source_dictionary, batches_of(1), target_dictionary=task.target_dictionary)  # warm-up
+        counted.clear()
+        start = time.perf_counter()
+        eval_lm([model], task.source_dictionary, batches_of(args.eval_batches),
+                target_dictionary=task.target_dictionary)
+    eval_tps = sum(counted) / (time.perf_counter() - start)
+    return dict(train_tps=train_tps, eval_tps=eval_tps, peak_rss_mb=peak_rss_mb, saved_mb=meter["peak"] / 2 ** 20)
+
+
+def sweep(args):
+    """Peak bytes saved for backward by one RMT training batch, against the depth and K."""
+    import torch
+
+    from rmt_plugin.criterion import RMTLMCriterion
+    from rmt_plugin.measure import saved_tensor_peak
+
+    k_max = 5
+    sweep_args = argparse.Namespace(**{**vars(args), "segments_per_sample": k_max})
+    cfg, task, model, _, _ = setup(args.data, train_flags("rmt_chunk", sweep_args))
+    sample = next(batches(cfg, task, model, "train", args.batch_size))
+    model.train()
+    rows = []
+    runs = [(k, 0) for k in range(1, k_max)] + [(k_max, depth) for depth in range(5)]
+    for k, depth in runs:
+        tokens = sample["net_input"]["src_tokens"][:, :k * args.tokens_per_sample]
+        batch = {"net_input": {"src_tokens": tokens}, "target": sample["target"][:, :tokens.size(1)]}
+        row = {"K": k, "depth": depth}
+        for column, mode, replay in (("one_backward", "chunk", False), ("chunk", "chunk", False),
+                                     ("chunk_replay", "chunk", True), ("sliding_replay", "sliding", True)):
+            criterion = RMTLMCriterion(task, bptt_depth=depth, bptt_mode=mode, memory_replay=replay)
+            torch.manual_seed(0)
+            with saved_tensor_peak() as meter:
+                if column == "one_backward":  # as before per-chain backwards: the whole batch's graph
+                    criterion.forward_with_state(model, batch, None)[0].backward()
+                else:
+                    criterion.forward_with_state(model, batch, None, backward=lambda objective: objective.backward())
+            model.zero_grad()
+            row[column] = meter["peak"] / 2 ** 20
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- driver
+def run_worker(args, *extra):
+    cmd = [sys.executable, __file__, "--data", args.data, "--repeats", "1", "--train-steps", str(args.train_steps),
+           "--eval-batches", str(args.eval_batches), "--tokens-per-sample", str(args.tokens_per_sample),
+           "--segments-per-sample", str(args.segments_per_sample), "--batch-size", str(args.batch_size),
+           "--num-mem-tokens", str(args.num_mem_tokens), *(["--tiny"] if args.tiny else []), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def tables(args, results, sweep_rows):
+    med = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in results.items()}
+    T, m = args.tokens_per_sample, args.num_mem_tokens
+    lines = [f"T = {T}, B = {args.batch_size}, K = {args.segments_per_sample} (ours), m = {m}, "
+             f"{size(args)}; medians of {args.repeats} interleaved runs", "",
+             "| | train tokens/s | × transformer_lm | eval-lm tokens/s | × transformer_lm | peak RSS MB "
+             "| saved for backward MB |", "|---|---|---|---|---|---|---|"]
+    ref = med.get("transformer_lm")
+    for name, r in med.items():
+        rel = (lambda key: f"{r[key] / ref[key]:.2f}") if ref else (lambda key: "")
+        lines.append(f"| {MODELS[name]} | {r['train_tps']:.0f} | {rel('train_tps')} | {r['eval_tps']:.0f} | "
+                     f"{rel('eval_tps')} | {r['peak_rss_mb']:.0f} | {r['saved_mb']:.1f} |")
+    cost = {name: 1 / r["train_tps"] for name, r in med.items()}
+    goals = []
+    if {"rmt_chunk", "baseline"} <= cost.keys():
+        goals.append(("RMT chunk / baseline training cost", cost["rmt_chunk"] / cost["baseline"],
+                      f"<= 1.05 × (T+2m)/T = {1.05 * (T + 2 * m) / T:.3f}"))
+    if {"rmt_xl", "transformer_xl"} <= cost.keys():
+        goals.append(("Tr-XL + RMT / our Transformer-XL training cost", cost["rmt_xl"] / cost["transformer_xl"],
+                      f"<= 1.10 × (T+2m)/T = {1.10 * (T + 2 * m) / T:.3f}"))
+    if {"transformer_xl", "truncated_bptt_xl"} <= cost.keys():
+        goals.append(("our Transformer-XL / fairseq truncated_bptt training speed",
+                      cost["truncated_bptt_xl"] / cost["transformer_xl"], ">= 1.5"))
+    if {"rmt_chunk", "transformer_lm"} <= med.keys():
+        goals.append(("RMT / transformer_lm eval-lm cost per token",
+                      med["transformer_lm"]["eval_tps"] / med["rmt_chunk"]["eval_tps"], "<= 1.3"))
+    if goals:
+        lines += ["", "| ratio | measured | goal |", "|---|---|---|"]
+        lines += [f"| {what} | {value:.3f} | {goal} |" for what, value, goal in goals]
+    if sweep_rows:
+        lines += ["", f"Saved for backward (MB) by one RMT training batch (B = {args.batch_size}, m = {m}):", "",
+                  "| K | depth | chunk, one backward per batch (before) | chunk, backward per chain | "
+                  "chunk, --memory-replay | sliding, --memory-replay |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['K']} | {r['depth']} | {r['one_backward']:.1f} | {r['chunk']:.1f} | {r['chunk_replay']:.1f} "
+                  f"| {r['sliding_replay']:.1f} |" for r in sweep_rows]
+    return "\n".join(lines)
+
+
+def main():
+    args = parse_args()
+    args.data = os.path.abspath(args.data)
+    if args.worker:
+        print(json.dumps(measure(args.worker, args)))
+        return
+    if args.sweep:
+        print(json.dumps(sweep(args)))
+        return
+    results = {name: [] for name in args.models}
+    for repeat in range(args.repeats):
+        for name in args.models:
+            results[name].append(run_worker(args, "--worker", name))
+            print(f"repeat {repeat + 1}: {name} {results[name][-1]}", file=sys.stderr, flush=True)
+    sweep_rows = None if args.no_sweep else run_worker(args, "--sweep")
+    table = tables(args, results, sweep_rows)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

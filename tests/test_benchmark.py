@@ -1,0 +1,25 @@
+"""scripts/benchmark.py: a tiny smoke run in the default suite (the real run is docs/performance.md's)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_prints_the_side_by_side_table(tiny_data_bin, tmp_path):
+    out = tmp_path / "table.md"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--data", str(tiny_data_bin), "--tiny",
+         "--repeats", "1", "--train-steps", "1", "--eval-batches", "1", "--batch-size", "2",
+         "--segments-per-sample", "2", "--tokens-per-sample", "8", "--num-mem-tokens", "2",
+         "--models", "transformer_lm", "rmt_chunk", "--no-sweep", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = out.read_text()
+    rows = {line.split(" | ")[0]: line.split(" | ")[1:] for line in table.splitlines() if line.startswith("| ")}
+    assert rows["| fairseq transformer_lm"][1] == "1.00"
+    rmt = rows["| ours, RMT m, chunk, depth 1"]
+    assert float(rmt[0]) > 0 and float(rmt[2]) > 0  # train and eval-lm tokens/s
+    assert "| RMT / transformer_lm eval-lm cost per token |" in table
