@@ -48,7 +48,7 @@ def plot(reports, out, title=None):
                         label=label)
         by_segment.set_xticks(range(len(buckets)), buckets, rotation=45 if len(buckets) > 6 else 0)
         for variant, losses in report["loss_by_position"].items():
-            by_position.plot(range(len(losses)), losses, RESET_STYLES[variant], color=colour,
+            by_position.plot(range(len(losses)), losses, linestyle=RESET_STYLES[variant], color=colour,
                              label=f"{label}, {RESET_NAMES[variant]}")
     by_segment.set(xlabel="segment index since the stream start", ylabel="loss (bits/token)",
                    title="loss by segment index")

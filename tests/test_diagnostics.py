@@ -188,8 +188,10 @@ def test_reduce_metrics_is_silent_without_diagnostics():
 
 def test_plot_script_draws_reports_and_rejects_other_files(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "plot_memory_diagnostics.py"
-    report = {"loss": 2.0, "ntokens": 8, "memory_gain": 0.1, "loss_by_segment": {"0": 2.2, "1": 1.9},
-              "loss_by_position": {"carried": [2.5, 1.8], "memory_reset": [2.9, 1.9]}}
+    report = {"loss": 2.0, "ntokens": 8, "memory_gain": 0.1, "memory_swap_gain": 0.05, "cache_gain": 0.2,
+              "cache_swap_gain": 0.3, "loss_by_segment": {"0": 2.2, "1": 1.9},
+              "loss_by_position": {"carried": [2.5, 1.8], "memory_reset": [2.9, 1.9], "memory_swap": [2.6, 1.8],
+                                   "cache_reset": [3.0, 2.0], "cache_swap": [3.1, 2.1]}}
     (tmp_path / "rmt.json").write_text(json.dumps(report))
     (tmp_path / "base.json").write_text(json.dumps(dict(report, loss_by_position={"carried": [2.6, 1.9]})))
     (tmp_path / "other.json").write_text(json.dumps({"loss": 1.0}))
