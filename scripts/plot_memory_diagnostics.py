@@ -13,11 +13,13 @@ One figure, three panels, every model in its own colour:
 import argparse
 import json
 import sys
+import textwrap
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 RESET_STYLES = {"carried": "-", "memory_reset": "--", "cache_reset": ":", "memory_swap": "-.",
                 "cache_swap": (0, (3, 1, 1, 1, 1, 1))}
@@ -39,7 +41,7 @@ def load(spec):
 
 
 def plot(reports, out, title=None):
-    fig, (by_segment, by_position, gains) = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, (by_segment, by_position, gains) = plt.subplots(1, 3, figsize=(16, 4.6 + 0.3 * ((len(reports) + 3) // 4)))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, report) in enumerate(reports):
         colour = colours[i % len(colours)]
@@ -48,18 +50,20 @@ def plot(reports, out, title=None):
                         label=label)
         by_segment.set_xticks(range(len(buckets)), buckets, rotation=45 if len(buckets) > 6 else 0)
         for variant, losses in report["loss_by_position"].items():
-            by_position.plot(range(len(losses)), losses, linestyle=RESET_STYLES[variant], color=colour,
-                             label=f"{label}, {RESET_NAMES[variant]}")
+            by_position.plot(range(len(losses)), losses, linestyle=RESET_STYLES[variant], color=colour)
     by_segment.set(xlabel="segment index since the stream start", ylabel="loss (bits/token)",
                    title="loss by segment index")
-    by_segment.legend()
+    # one legend of models (colours) for the figure, one of line styles (what was reset) for panel 2
+    fig.legend(*by_segment.get_legend_handles_labels(), loc="lower center", ncol=min(len(reports), 4), fontsize=8)
     by_position.set_xscale("symlog", linthresh=1)  # what the state buys sits at the first positions
     width_seen = max(len(losses) for _, report in reports for losses in report["loss_by_position"].values())
     ticks = [0] + [2 ** k for k in range(width_seen.bit_length()) if 2 ** k < width_seen]
     by_position.set_xticks(ticks, [str(t) for t in ticks])
     by_position.set(xlabel="position within the segment (log scale)", ylabel="loss (bits/token)",
                     title="loss by position: carried vs reset every segment")
-    by_position.legend(fontsize=7)
+    variants = [v for v in RESET_STYLES if any(v in report["loss_by_position"] for _, report in reports)]
+    by_position.legend(handles=[Line2D([], [], color="black", linestyle=RESET_STYLES[v], label=RESET_NAMES[v])
+                                for v in variants], fontsize=7)
     names = [label for label, _ in reports]
     shown = [gain for gain in GAINS if any(gain in report for _, report in reports)]
     width = 0.8 / max(len(shown), 1)
@@ -70,12 +74,13 @@ def plot(reports, out, title=None):
         bars = gains.bar([k + offset for k, _ in present], [v for _, v in present], width,
                          label=gain.replace("_", " "))
         gains.bar_label(bars, fmt="%.3f", fontsize=7)
-    gains.set_xticks(range(len(names)), names, rotation=15)
+    gains.set_xticks(range(len(names)), [textwrap.fill(name, 24) for name in names], fontsize=7, rotation=30,
+                     ha="right")
     gains.set(ylabel="bits/token", title="loss saved by carrying the memory / the cache")
     gains.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * ((len(reports) + 3) // 4), 1, 1))
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
 
