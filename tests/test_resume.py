@@ -99,6 +99,7 @@ def test_killed_run_resumes_exactly(tiny_data_bin, tmp_path, variant):
 
 
 def readable(path):
+    # Deliberately independent of rmt_compat._readable_checkpoint, the code under test.
     try:
         with zipfile.ZipFile(path) as archive:
             return archive.testzip() is None

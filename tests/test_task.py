@@ -14,6 +14,7 @@ from fairseq import utils
 from fairseq.data import Dictionary, indexed_dataset, iterators
 from omegaconf import OmegaConf
 
+from conftest import write_corpus
 from rmt_plugin.criterion import RMTLMCriterionConfig
 from rmt_plugin.model import RMTConfig
 from rmt_plugin.task import RMTLMConfig, RMTLMTask, StreamHandle
@@ -350,14 +351,6 @@ def run_cli(module, *args, cwd):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"{module} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout + result.stderr
-
-
-def write_corpus(path, n_lines, seed):
-    g = torch.Generator().manual_seed(seed)
-    with open(path, "w") as f:
-        for _ in range(n_lines):
-            length = int(torch.randint(3, 12, (1,), generator=g))
-            f.write(" ".join(f"w{int(k)}" for k in torch.randint(0, 20, (length,), generator=g)) + "\n")
 
 
 def test_train_and_eval_lm_through_the_cli(tmp_path):
