@@ -78,6 +78,6 @@ setup(
     ],
     extras_require={
         "plots": ["matplotlib"],
-        "test": ["pytest", "transformers==4.35.2", "tokenizers==0.15.2", "matplotlib"],
+        "test": ["pytest", "pytest-xdist", "transformers==4.35.2", "tokenizers==0.15.2", "matplotlib"],
     },
 )
