@@ -29,10 +29,22 @@ With a Transformer-XL cache of L positions, keys are ``[cache; read; segment; wr
 queries the last ``Q = 2m + T`` of them. Segment tokens always see the cache (within
 ``same_length``); memory tokens see it only with ``--mem-attend-cache``. The cache holds
 segment positions only (detached, as in Dai et al.). Relative distance is query position minus
-key position along that key sequence, so memory blocks, being bidirectional, also use negative
-distances; sinusoids are defined for them, and ``clamp_len`` clamps both signs. Only the distances
-that allowed query-key pairs have are embedded and scored (``build_attention_plan``): with m
-memory tokens and K keys, at most K+m of the K+Q-1 a [Q, K] score matrix spans.
+key position, so memory blocks, being bidirectional, also use negative distances; sinusoids are
+defined for them, and ``clamp_len`` clamps both signs. Only the distances that allowed query-key
+pairs have are embedded and scored (``build_attention_plan``): with m memory tokens and K keys,
+at most K+m of the K+Q-1 a [Q, K] score matrix spans.
+
+Where cached keys sit (``--cache-distance``), cache c0 c1, m=2, segment x0 x1::
+
+    sequence   c0 c1 r0 r1 x0 x1 w0 w1    positions along the key sequence (the paper's code):
+                0  1  2  3  4  5  6  7    x0 is 3 from c1, though c1 is the token just before it
+    stream     c0 c1 r0 r1 x0 x1 w0 w1    cached keys m positions later: x0 is 1 from c1 and
+                2  3  2  3  4  5  6  7    sees the cache as a Transformer-XL without memory does
+
+With ``sequence`` the read block shifts every segment-to-cache distance by m, so what relative
+attention learns within a segment does not carry over to the cache: at byte level, T=32, m=8,
+Tr-XL + RMT's cache gain falls from Transformer-XL's 0.16 to 0.05 bits/char; with ``stream`` it
+keeps 0.13 (docs/memory_in_lm.md, section 2d).
 
 Attention runs through ``F.scaled_dot_product_attention`` with the position scores and the -inf
 mask added into one float ``attn_mask``, so a fused kernel that takes a float mask can run: on the
@@ -55,6 +67,7 @@ from torch import Tensor, nn
 
 MEMORY_LAYOUTS = ChoiceEnum(["rmt", "memtr"])
 WRITE_INPUTS = ChoiceEnum(["memory", "learned"])
+CACHE_DISTANCES = ChoiceEnum(["sequence", "stream"])
 
 
 class RMTState(NamedTuple):
@@ -98,6 +111,13 @@ class RMTConfig(FairseqDataclass):
     mem_attend_cache: bool = field(
         default=False, metadata={"help": "memory tokens also attend to the Transformer-XL cache"}
     )
+    cache_distance: CACHE_DISTANCES = field(
+        default="stream",
+        metadata={"help": "relative distance to cached positions with memory tokens: sequence (along "
+                          "[cache; read; segment; write], the read block between cache and segment) or "
+                          "stream (as in the token stream: the last cached token is 1 before the first "
+                          "segment token; see the module docstring)"},
+    )
     clamp_len: int = field(
         default=-1, metadata={"help": "use the same positional embedding for distances beyond this (-1: off)"}
     )
@@ -134,10 +154,15 @@ class RMTLanguageModel(FairseqLanguageModel):
         return cls(RMTDecoder(cfg, task.target_dictionary))
 
 
+# Fields whose default changed after they were added: what a checkpoint without the field did.
+BEHAVIOUR_BEFORE_FIELD = {"cache_distance": "sequence"}
+
+
 def fill_missing_fields(cfg) -> None:
-    """A checkpoint saved before a model field existed has no value for it: give it the field's
-    default, which keeps the behaviour of the time (e.g. ``memory_write_input``: ``memory``)."""
-    missing = {name: f.default for name, f in RMTConfig.__dataclass_fields__.items()
+    """A checkpoint saved before a model field existed has no value for it: give it the value that
+    keeps the behaviour of the time: the field's default (e.g. ``memory_write_input``: ``memory``),
+    or ``BEHAVIOUR_BEFORE_FIELD`` where the default is not that behaviour."""
+    missing = {name: BEHAVIOUR_BEFORE_FIELD.get(name, f.default) for name, f in RMTConfig.__dataclass_fields__.items()
                if isinstance(cfg, DictConfig) and name not in cfg}
     if missing:
         with open_dict(cfg):
@@ -190,6 +215,7 @@ class AttentionPlan(NamedTuple):
     bias: Tensor  # [Q, K] float: 0 where allowed, -inf where masked
     pos_emb: Tensor  # [n, d] sinusoids of the distances max_distance down to max_distance - n + 1, clamped
     max_distance: int  # the largest distance an allowed query-key pair has (see relative_scores)
+    cache_shift: int  # cached keys sit this many positions later than along the sequence (stream distance)
     segment: slice  # query rows that are segment tokens
     next_memory: slice  # query rows whose outputs become the next memory
 
@@ -260,7 +286,7 @@ class RMTDecoder(FairseqDecoder):
             h = torch.cat(blocks, dim=1)
         h = self.dropout(h)
         pos_emb = self.dropout(plan.pos_emb.to(h.dtype))
-        positions = (pos_emb, plan.max_distance)
+        positions = (pos_emb, plan.max_distance, plan.cache_shift)
 
         new_cache = [] if self.mem_len > 0 else None
         for i, layer in enumerate(self.layers):
@@ -306,6 +332,7 @@ class RMTDecoder(FairseqDecoder):
             self._plans[key] = build_attention_plan(
                 seg_len, cache_len, self.num_mem_tokens, self.cfg.memory_layout, self.cfg.mem_attend_cache,
                 self.cfg.same_length, self.mem_len, self.cfg.clamp_len, self.cfg.d_model, device,
+                cache_shift=self.num_mem_tokens if self.cfg.cache_distance == "stream" else 0,
             )
         return self._plans[key]
 
@@ -350,15 +377,18 @@ def allowed_attention(seg_len: int, cache_len: int, m: int, layout: str, mem_att
 
 
 def build_attention_plan(seg_len, cache_len, m, layout, mem_attend_cache, same_length, mem_len, clamp_len,
-                         d_model, device) -> AttentionPlan:
+                         d_model, device, cache_shift=0) -> AttentionPlan:
     allowed = allowed_attention(seg_len, cache_len, m, layout, mem_attend_cache, same_length, mem_len)
     q_len, k_len = allowed.shape
     bias = torch.zeros(q_len, k_len).masked_fill_(~allowed, float("-inf"))
+    cache_shift = cache_shift if cache_len > 0 else 0
     # Only the distances some allowed pair has (see relative_scores): with a cache L and segment T,
     # L+T-1 down to 0, and down to -(m-1) with memory tokens (bidirectional within their block),
     # instead of all K+Q-1 a [Q, K] matrix spans. At least K+1 rows, so the skewed view of
     # relative_scores never overlaps itself (an overlapping view has a slow backward).
-    used = (torch.arange(q_len)[:, None] + (k_len - q_len) - torch.arange(k_len)[None, :])[allowed]
+    key_positions = torch.arange(k_len)
+    key_positions[:cache_len] += cache_shift
+    used = (torch.arange(q_len)[:, None] + (k_len - q_len) - key_positions[None, :])[allowed]
     max_distance = max(int(used.max()), k_len - q_len)
     min_distance = min(int(used.min()), max_distance - k_len)
     distances = torch.arange(max_distance, min_distance - 1, -1.0)
@@ -370,10 +400,11 @@ def build_attention_plan(seg_len, cache_len, m, layout, mem_attend_cache, same_l
     else:
         next_memory = slice(0, read)
     pos_emb = sinusoid(distances, d_model)
-    return AttentionPlan(bias.to(device), pos_emb.to(device), max_distance, slice(read, read + seg_len), next_memory)
+    return AttentionPlan(bias.to(device), pos_emb.to(device), max_distance, cache_shift,
+                         slice(read, read + seg_len), next_memory)
 
 
-def relative_scores(q_r: Tensor, r_k: Tensor, k_len: int, max_distance: int) -> Tensor:
+def relative_scores(q_r: Tensor, r_k: Tensor, k_len: int, max_distance: int, cache_shift: int = 0) -> Tensor:
     """Position scores ``BD[b, h, i, j] = q_r[b, h, i] . r_k[dist(i, j)]`` without a Python loop.
 
     ``r_k`` [H, n, Dh] holds one row per distance, from ``max_distance`` down; query i sits at key
@@ -389,7 +420,15 @@ def relative_scores(q_r: Tensor, r_k: Tensor, k_len: int, max_distance: int) -> 
     bsz, heads, q_len, n_dist = full.shape
     s_b, s_h, s_q, s_d = full.stride()
     offset = max_distance - (k_len - q_len)
-    return full.as_strided((bsz, heads, q_len, k_len), (s_b, s_h, s_q - s_d, s_d), full.storage_offset() + offset)
+
+    def skewed(shift, width):
+        return full.as_strided((bsz, heads, q_len, width), (s_b, s_h, s_q - s_d, s_d),
+                               full.storage_offset() + offset + shift)
+
+    if cache_shift == 0:
+        return skewed(0, k_len)
+    cache_len = k_len - q_len  # cached keys: distance cache_shift less, so rows cache_shift further down
+    return torch.cat([skewed(cache_shift, cache_len), skewed(0, k_len)[..., cache_len:]], dim=-1)
 
 
 class RelMultiheadAttention(nn.Module):
@@ -414,13 +453,13 @@ class RelMultiheadAttention(nn.Module):
 
     def forward(self, h: Tensor, keys_in: Tensor, positions, bias: Tensor) -> Tensor:
         """``positions``: (sinusoids of the plan's distances, the largest of them)."""
-        pos_emb, max_distance = positions
+        pos_emb, max_distance, cache_shift = positions
         inner = self.n_head * self.d_head
         w_q, w_kv = self.qkv_net.weight.split([inner, 2 * inner])
         q = self._heads(F.linear(h, w_q))
         k, v = (self._heads(t) for t in F.linear(keys_in, w_kv).chunk(2, dim=-1))
         r_k = self.r_net(pos_emb).view(-1, self.n_head, self.d_head).transpose(0, 1)
-        position = relative_scores(q + self.r_r_bias.unsqueeze(1), r_k, keys_in.size(1), max_distance)
+        position = relative_scores(q + self.r_r_bias.unsqueeze(1), r_k, keys_in.size(1), max_distance, cache_shift)
         attn_bias = position * self.scale + bias
         out = F.scaled_dot_product_attention(
             q + self.r_w_bias.unsqueeze(1), k, v, attn_mask=attn_bias.to(q.dtype),
@@ -465,9 +504,11 @@ def _set_defaults(cfg, **defaults):
 # The RMT paper's backbones (Transformer-XL base, Dai et al. 2019). A paper architecture sets every
 # RMTConfig value itself, defaults included, so that a later change of a default cannot change a
 # paper recipe; tests/test_architectures.py checks that no field is left to the default.
+# cache_distance: the paper's code measures distance along its whole key sequence (its cache holds
+# the memory positions too); our default, stream, lets Tr-XL + RMT use its cache (module docstring).
 PAPER_COMMON = dict(dropout=0.1, dropatt=0.0, pre_lnorm=False, init_std=0.02, tie_weights=True,
                     same_length=False, clamp_len=-1, memory_layout="rmt", memory_write_input="memory",
-                    mem_attend_cache=False, div_val=1.0, memory_target_token=False)
+                    mem_attend_cache=False, cache_distance="sequence", div_val=1.0, memory_target_token=False)
 PAPER_BACKBONES = {
     "wt103_base": dict(PAPER_COMMON, n_layer=16, d_model=410, n_head=10, d_head=41, d_inner=2100,
                        adaptive_softmax_cutoff="20000,40000,200000"),

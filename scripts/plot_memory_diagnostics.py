@@ -41,7 +41,9 @@ def load(spec):
 
 
 def plot(reports, out, title=None):
-    fig, (by_segment, by_position, gains) = plt.subplots(1, 3, figsize=(16, 4.6 + 0.3 * ((len(reports) + 3) // 4)))
+    fig, (by_segment, by_position, gains) = plt.subplots(
+        1, 3, figsize=(18, 4.6 + 0.3 * ((len(reports) + 3) // 4) + 0.15 * max(len(reports) - 6, 0)),
+        gridspec_kw={"width_ratios": [1, 1, 1.25]})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, report) in enumerate(reports):
         colour = colours[i % len(colours)]
@@ -64,20 +66,22 @@ def plot(reports, out, title=None):
     variants = [v for v in RESET_STYLES if any(v in report["loss_by_position"] for _, report in reports)]
     by_position.legend(handles=[Line2D([], [], color="black", linestyle=RESET_STYLES[v], label=RESET_NAMES[v])
                                 for v in variants], fontsize=7)
+    # horizontal bars, one group per model (top to bottom), so that many models keep readable names
     names = [label for label, _ in reports]
     shown = [gain for gain in GAINS if any(gain in report for _, report in reports)]
-    width = 0.8 / max(len(shown), 1)
+    height = 0.8 / max(len(shown), 1)
     for i, gain in enumerate(shown):
-        offset = (i - (len(shown) - 1) / 2) * width
+        offset = (i - (len(shown) - 1) / 2) * height
         present = [(k, report[gain]) for k, (_, report) in enumerate(reports) if gain in report]
         # a model without a memory (cache) has no such gain: no bar rather than a zero
-        bars = gains.bar([k + offset for k, _ in present], [v for _, v in present], width,
-                         label=gain.replace("_", " "))
-        gains.bar_label(bars, fmt="%.3f", fontsize=7)
-    gains.set_xticks(range(len(names)), [textwrap.fill(name, 24) for name in names], fontsize=7, rotation=30,
-                     ha="right")
-    gains.set(ylabel="bits/token", title="loss saved by carrying the memory / the cache")
-    gains.legend()
+        bars = gains.barh([k + offset for k, _ in present], [v for _, v in present], height,
+                          label=gain.replace("_", " "))
+        gains.bar_label(bars, fmt="%.3f", fontsize=6, padding=2)
+    gains.set_yticks(range(len(names)), [textwrap.fill(name, 34) for name in names], fontsize=7)
+    gains.invert_yaxis()
+    gains.set_xlim(right=gains.get_xlim()[1] * 1.15)  # room for the bar labels
+    gains.set(xlabel="bits/token", title="loss saved by carrying the memory / the cache")
+    gains.legend(fontsize=7, loc="upper right")
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.06 * ((len(reports) + 3) // 4), 1, 1))

@@ -42,16 +42,22 @@ RMT = "--arch rmt_tiny --num-mem-tokens {m}"
 TRXL_RMT = ("--arch rmt_xl_tiny --mem-len {T} --num-mem-tokens {m} --bptt-depth {k} "
             "--memory-target-token --memory-token-loss-weight 0.01")  # the paper's memory-token loss
 PAPER_WRITE, LEARNED_WRITE = " --memory-write-input memory", " --memory-write-input learned"
+# Where Tr-XL + RMT's cached keys sit (model docstring): the paper's code counts the read block between
+# cache and segment; the *_stream rows measure distances as in the token stream (our default).
+PAPER_DISTANCE, STREAM_DISTANCE = " --cache-distance sequence", " --cache-distance stream"
 MODELS = {
     "baseline": ("no memory", "--arch rmt_tiny --num-mem-tokens 0"),
     "memtr": ("MemTr m={m}", RMT + " --memory-layout memtr --bptt-depth 0"),
     "rmt_bptt0": ("RMT m={m} BPTT-0", RMT + " --bptt-depth 0" + PAPER_WRITE),
     "rmt_deep": ("RMT m={m} BPTT-{k}", RMT + " --bptt-depth {k}" + PAPER_WRITE),
     "transformer_xl": ("Transformer-XL mem {T}", "--arch transformer_xl_tiny --mem-len {T}"),
-    "rmt_xl": ("Tr-XL + RMT {T}+{m} BPTT-{k}", TRXL_RMT + PAPER_WRITE),
+    "rmt_xl": ("Tr-XL + RMT {T}+{m} BPTT-{k}", TRXL_RMT + PAPER_WRITE + PAPER_DISTANCE),
     "rmt_bptt0_lw": ("RMT m={m} BPTT-0, learned write input", RMT + " --bptt-depth 0" + LEARNED_WRITE),
     "rmt_deep_lw": ("RMT m={m} BPTT-{k}, learned write input", RMT + " --bptt-depth {k}" + LEARNED_WRITE),
-    "rmt_xl_lw": ("Tr-XL + RMT {T}+{m} BPTT-{k}, learned write input", TRXL_RMT + LEARNED_WRITE),
+    "rmt_xl_lw": ("Tr-XL + RMT {T}+{m} BPTT-{k}, learned write input", TRXL_RMT + LEARNED_WRITE + PAPER_DISTANCE),
+    "rmt_xl_stream": ("Tr-XL + RMT {T}+{m} BPTT-{k}, stream distance", TRXL_RMT + PAPER_WRITE + STREAM_DISTANCE),
+    "rmt_xl_lw_stream": ("Tr-XL + RMT {T}+{m} BPTT-{k}, learned write input, stream distance",
+                         TRXL_RMT + LEARNED_WRITE + STREAM_DISTANCE),
 }
 
 

@@ -8,7 +8,8 @@ Every RMTConfig field has a value here: a field added to the model must get its 
 # relative attention, tied weights, same_length and clamp_len off, dropout 0.1, dropatt 0.
 PAPER_COMMON = dict(dropout=0.1, dropatt=0.0, pre_lnorm=False, init_std=0.02, tie_weights=True,
                     same_length=False, clamp_len=-1, memory_layout="rmt", memory_write_input="memory",
-                    mem_attend_cache=False, div_val=1.0, memory_target_token=False)
+                    mem_attend_cache=False, cache_distance="sequence",  # as in the paper's code
+                    div_val=1.0, memory_target_token=False)
 WT103_BASE = dict(PAPER_COMMON, n_layer=16, d_model=410, n_head=10, d_head=41, d_inner=2100,
                   adaptive_softmax_cutoff="20000,40000,200000")
 ENWIK8_BASE = dict(PAPER_COMMON, n_layer=12, d_model=512, n_head=8, d_head=64, d_inner=2048,

@@ -113,7 +113,7 @@ def test_paper_archs_keep_the_paper_values_when_the_model_defaults_change(monkey
     fields = RMTConfig.__dataclass_fields__
     parsed = {}
     for name, paper in PAPER_COMMON.items():
-        choices = {"memory_layout": "memtr", "memory_write_input": "learned"}
+        choices = {"memory_layout": "memtr", "memory_write_input": "learned", "cache_distance": "stream"}
         other = not paper if isinstance(paper, bool) else choices[name] if name in choices else paper + 1
         monkeypatch.setattr(fields[name], "default", other)
         parsed[name] = other if isinstance(paper, bool) else None

@@ -99,22 +99,26 @@ def test_same_length_gives_every_segment_token_mem_len_keys():
     assert torch.equal(allowed_attention(3, 3, 0, "rmt", False, True, 3), expected)
 
 
-@pytest.mark.parametrize("seg_len, cache_len, m, layout, mem_attend_cache, same_length, clamp_len", [
-    (3, 0, 2, "rmt", False, False, -1), (3, 4, 2, "rmt", True, False, -1), (3, 4, 0, "rmt", False, True, -1),
-    (3, 2, 2, "memtr", False, False, 2), (3, 4, 2, "rmt", False, True, 3),
+@pytest.mark.parametrize("seg_len, cache_len, m, layout, mem_attend_cache, same_length, clamp_len, cache_shift", [
+    (3, 0, 2, "rmt", False, False, -1, 0), (3, 4, 2, "rmt", True, False, -1, 0), (3, 4, 0, "rmt", False, True, -1, 0),
+    (3, 2, 2, "memtr", False, False, 2, 0), (3, 4, 2, "rmt", False, True, 3, 0),
+    # --cache-distance stream: cached keys 2 (= m) positions later, as if the read block were not there
+    (3, 4, 2, "rmt", True, False, -1, 2), (3, 4, 2, "rmt", False, True, 3, 2), (3, 2, 2, "memtr", False, False, -1, 2),
+    (5, 3, 4, "rmt", False, False, -1, 4),
 ])
 def test_relative_scores_are_those_of_each_allowed_pairs_distance(seg_len, cache_len, m, layout, mem_attend_cache,
-                                                                   same_length, clamp_len):
+                                                                   same_length, clamp_len, cache_shift):
     mem_len = max(cache_len, 1)
     plan = build_attention_plan(seg_len, cache_len, m, layout, mem_attend_cache, same_length, mem_len, clamp_len,
-                                8, "cpu")
+                                8, "cpu", cache_shift=cache_shift)
     allowed = plan.bias == 0
     q_len, k_len = allowed.shape
     torch.manual_seed(0)
     q_r, r_net = torch.randn(2, 3, q_len, 4, dtype=torch.float64), torch.randn(8, 3 * 4, dtype=torch.float64)
     r_k = (plan.pos_emb.double() @ r_net).view(-1, 3, 4).transpose(0, 1)
-    scores = relative_scores(q_r, r_k, k_len, plan.max_distance)
-    distance = torch.arange(q_len)[:, None] + (k_len - q_len) - torch.arange(k_len)[None, :]
+    scores = relative_scores(q_r, r_k, k_len, plan.max_distance, plan.cache_shift)
+    key_position = torch.tensor([j + cache_shift if j < cache_len else j for j in range(k_len)])
+    distance = torch.arange(q_len)[:, None] + (k_len - q_len) - key_position[None, :]
     clamped = distance.clamp(-clamp_len, clamp_len) if clamp_len > 0 else distance
     r_pair = (sinusoid(clamped.flatten(), 8).double() @ r_net).view(q_len, k_len, 3, 4)
     by_pair = torch.einsum("bhid,ijhd->bhij", q_r, r_pair)
@@ -123,6 +127,33 @@ def test_relative_scores_are_those_of_each_allowed_pairs_distance(seg_len, cache
     used = distance[allowed]
     needed = int(used.max() - used.min()) + 1
     assert len(plan.pos_emb) == max(needed, k_len + 1)
+
+
+@pytest.mark.parametrize("cache_distance", ["sequence", "stream"])
+def test_stream_distance_scores_the_cache_as_transformer_xl_does(monkeypatch, cache_distance):
+    # Tr-XL + RMT (m=2) and Transformer-XL with the same weights: in layer 0 of the second segment the
+    # segment tokens' queries and the cache (the first segment's embeddings) are the same in both, so
+    # the position scores of segment rows x cached keys are equal if and only if the distances are
+    import rmt_plugin.model as model_module
+
+    task = make_task()
+    scored = []
+    monkeypatch.setattr(model_module, "relative_scores",
+                        lambda *args: scored.append(relative_scores(*args)) or scored[-1])
+    models = {}
+    for m in (0, 2):
+        cfg = RMTConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.0, num_mem_tokens=m,
+                        mem_len=SEG_LEN, cache_distance=cache_distance)
+        models[m] = RMTLanguageModel.build_model(cfg, task).eval()
+    models[2].load_state_dict(models[0].state_dict(), strict=False)  # all but the memory embedding
+    first, second = torch.randint(4, 40, (2, SEG_LEN)), torch.randint(4, 40, (2, SEG_LEN))
+    to_cache = {}
+    for m, model in models.items():
+        state = model(first)[1]["state"]
+        scored.clear()
+        model(second, state=state)
+        to_cache[m] = scored[0][:, :, m:m + SEG_LEN, :SEG_LEN]  # layer 0: segment rows, cached keys
+    assert torch.allclose(to_cache[0], to_cache[2]) == (cache_distance == "stream")
 
 
 def test_rmt_and_transformer_xl_compute_far_fewer_distances_than_the_score_matrix_spans():
@@ -530,14 +561,16 @@ def test_a_learned_write_input_needs_a_write_block(flags):
         RMTLanguageModel.build_model(cfg, make_task())
 
 
-def test_a_checkpoint_saved_before_a_field_existed_loads_with_the_old_behaviour():
+# what a checkpoint saved before the field existed did; cache_distance's default changed since
+@pytest.mark.parametrize("field, behaviour_then", [("memory_write_input", "memory"), ("cache_distance", "sequence")])
+def test_a_checkpoint_saved_before_a_field_existed_loads_with_the_old_behaviour(field, behaviour_then):
     from dataclasses import asdict
 
     from omegaconf import OmegaConf
 
-    old = asdict(RMTConfig(n_layer=1, d_model=16, n_head=2, d_head=8, d_inner=32, num_mem_tokens=2))
-    del old["memory_write_input"]  # what a checkpoint saved before --memory-write-input holds
+    old = asdict(RMTConfig(n_layer=1, d_model=16, n_head=2, d_head=8, d_inner=32, num_mem_tokens=2, mem_len=4))
+    del old[field]  # what a checkpoint saved before --memory-write-input / --cache-distance holds
     cfg = OmegaConf.create(old)
     OmegaConf.set_struct(cfg, True)  # fairseq loads checkpoint configs in struct mode
     model = RMTLanguageModel.build_model(cfg, make_task())
-    assert model.decoder.cfg.memory_write_input == "memory"
+    assert getattr(model.decoder.cfg, field) == behaviour_then
