@@ -27,7 +27,20 @@ The paper's code restarts that re-run from the newest, already detached memory (
 an attribute of the tensor instead of its data), which cuts the gradient; we restart from the
 memory of k segments back, as the method describes.
 
-Backward, chain by chain. Both schedules are sequences of *chains*: a chunk, or a segment with the
+``prefix``: BPTT across batch borders at (K+k)/K forwards per segment. One chain per batch: the
+previous batch's last k segments are re-run (not scored) from the memory the oldest of them started
+with, then all K segments of this batch. Every segment's loss reaches at least k segments back
+whatever its place in the row (segment j of the batch: j+k), including the first ones, which
+chunk mode cuts off at the batch start. K=3, k=2, the previous batch ended with a, b::
+
+    batch 1:  a' b' | s0 -> s1 -> s2        a', b' re-run from the memory a started with
+              loss(s0) reaches a, b; loss(s2) reaches a, b, s0, s1
+
+The chain is K+k segments long, so its activations are K+k segments' (one segment's with
+``--memory-replay``). Like sliding mode it carries the last k segments and the memory each started
+with between batches.
+
+Backward, chain by chain. The schedules are sequences of *chains*: a chunk, or a segment with the
 k segments it re-runs. A chain starts from a detached memory, so chains are independent for the
 backward: in training the criterion back-propagates each chain as soon as it has run (through
 ``optimizer.backward``, so fp16/AMP loss scaling applies) and frees its graph; the gradients are
@@ -86,7 +99,7 @@ from .model import RMTState
 
 logger = logging.getLogger(__name__)
 
-BPTT_MODES = ChoiceEnum(["chunk", "sliding"])
+BPTT_MODES = ChoiceEnum(["chunk", "sliding", "prefix"])
 
 
 @dataclass
@@ -99,7 +112,10 @@ class RMTLMCriterionConfig(FairseqDataclass):
     bptt_mode: BPTT_MODES = field(
         default="chunk",
         metadata={"help": "chunk: detach every bptt_depth+1 segments, one forward per segment; sliding: "
-                          "re-run the previous bptt_depth segments for every segment (bptt_depth+1 forwards)"},
+                          "re-run the previous bptt_depth segments for every segment (bptt_depth+1 forwards); "
+                          "prefix: re-run the previous batch's last bptt_depth segments once per batch, then "
+                          "back-propagate through the whole row (every loss reaches >= bptt_depth segments "
+                          "back, across batch borders; (K+bptt_depth)/K forwards per segment)"},
     )
     memory_replay: bool = field(
         default=False,
@@ -127,7 +143,7 @@ class CarriedState(NamedTuple):
     """What the criterion hands from one batch to the next (opaque to the task)."""
 
     model_state: Optional[RMTState]
-    history: Tuple[Tuple[Tensor, Optional[RMTState]], ...] = ()  # sliding mode: (tokens, state at start)
+    history: Tuple[Tuple[Tensor, Optional[RMTState]], ...] = ()  # sliding, prefix: (tokens, state at start)
 
 
 class SegmentResult(NamedTuple):
@@ -178,6 +194,22 @@ def sliding_schedule(segments, carried: CarriedState, depth: int, run_chain) -> 
         history = (history + [(tokens, state)])[-depth:]
         state = end.detach()
     return CarriedState(state, tuple(history))
+
+
+def prefix_schedule(segments, carried: CarriedState, depth: int, run_chain) -> CarriedState:
+    """``prefix``: one chain per batch, the previous batch's last ``depth`` segments re-run (not
+    scored) from the memory the oldest of them started with, then every segment of the batch.
+    ``run_chain(..., starts)`` fills ``starts`` with the (detached) state each segment started
+    with. k=2, history (a, Ma), (b, Mb) carried, segments c, d, e starting from Mc, Md, Me::
+
+        Mf = run_chain(Ma, [a, b, c, d, e], 2, starts); carry Mf.detach() and (d, Md), (e, Me)
+    """
+    history = list(carried.history[-depth:])
+    start = history[0][1] if history else carried.model_state
+    starts = []
+    end = run_chain(start, [(past, None) for past, _ in history] + list(segments), len(history), starts)
+    history += [(tokens, state) for (tokens, _), state in zip(segments, starts[len(history):])]
+    return CarriedState(end.detach(), tuple(history[-depth:]))
 
 
 class _MemoryGradient(torch.autograd.Function):
@@ -335,6 +367,8 @@ class RMTLMCriterion(FairseqCriterion):
         depth = self.bptt_depth if model.decoder.num_mem_tokens > 0 else 0
         if self.bptt_mode == "sliding" and depth > 0:
             return lambda segments, carried, run_chain: sliding_schedule(segments, carried, depth, run_chain)
+        if self.bptt_mode == "prefix" and depth > 0:
+            return lambda segments, carried, run_chain: prefix_schedule(segments, carried, depth, run_chain)
         return lambda segments, carried, run_chain: chunk_schedule(segments, carried, depth, run_chain)
 
     def unroll(self, model, segments, carried: CarriedState):
@@ -342,8 +376,8 @@ class RMTLMCriterion(FairseqCriterion):
         results and the state to carry (validation, and the tests that read gradients per segment)."""
         results = []
 
-        def run_chain(start, chain, scored_from):
-            end, chain_results = self.run_chain(model, start, chain, scored_from)
+        def run_chain(start, chain, scored_from, starts=None):
+            end, chain_results = self.run_chain(model, start, chain, scored_from, starts=starts)
             results.extend(chain_results)
             return end
 
@@ -356,10 +390,10 @@ class RMTLMCriterion(FairseqCriterion):
         segments and the state to carry."""
         terms = []
 
-        def run_chain(start, chain, scored_from):
+        def run_chain(start, chain, scored_from, starts=None):
             if self.memory_replay and len(chain) > 1:
-                return self.replay_chain(model, start, chain, scored_from, backward, terms)
-            end, results = self.run_chain(model, start, chain, scored_from)
+                return self.replay_chain(model, start, chain, scored_from, backward, terms, starts)
+            end, results = self.run_chain(model, start, chain, scored_from, starts=starts)
             chain_terms = [self.segment_terms(model, r) for r in results]
             backward(sum(self.objective(t) for t in chain_terms))
             terms.extend(t.detach() for t in chain_terms)
@@ -367,14 +401,17 @@ class RMTLMCriterion(FairseqCriterion):
 
         return terms, self.schedule(model)(segments, carried, run_chain)
 
-    def run_chain(self, model, state, chain, scored_from, boundaries=None):
+    def run_chain(self, model, state, chain, scored_from, boundaries=None, starts=None):
         """Run ``chain`` [(tokens, target), ...] from ``state``; ``chain[scored_from:]`` are scored
         (``run_segment``), the others only re-run for their memory. Returns the end state and the
-        scored results; ``boundaries`` (a list) gets the state and RNG state before each segment."""
+        scored results; ``boundaries`` (a list) gets the state and RNG state before each segment,
+        ``starts`` (a list) the state before each segment, detached."""
         results = []
         for i, (tokens, target) in enumerate(chain):
             if boundaries is not None:
                 boundaries.append((state, _rng_state(tokens.device)))
+            if starts is not None:
+                starts.append(state.detach() if state is not None else None)
             if i >= scored_from:
                 results.append(self.run_segment(model, tokens, target, state))
                 state = results[-1].net_output[1]["state"]
@@ -382,7 +419,7 @@ class RMTLMCriterion(FairseqCriterion):
                 state = model(tokens, state=state)[1]["state"]
         return state, results
 
-    def replay_chain(self, model, start, chain, scored_from, backward, terms):
+    def replay_chain(self, model, start, chain, scored_from, backward, terms, starts=None):
         """Memory-replay backprop of one chain (Memformer; ``--memory-replay``): run it without a
         graph, keeping only the state (and RNG state) each segment starts from, then recompute the
         segments in reverse, one graph at a time. Segment i back-propagates its own objective plus,
@@ -395,13 +432,16 @@ class RMTLMCriterion(FairseqCriterion):
             s1 from leaf M1: backward loss(s1) + <M2', g2>         -> g1 = dM1
             s0 from M0 (detached): backward loss(s0) + <M1', g1>
 
-        Returns the end state (detached); appends the scored segments' detached terms to ``terms``.
+        Returns the end state (detached); appends the scored segments' detached terms to ``terms``
+        and, if given, the state each segment started with to ``starts``.
         """
         device = chain[0][0].device
         boundaries = []
         with torch.no_grad():  # the last segment needs no run here: it is recomputed first
             last_start, _ = self.run_chain(model, start, chain[:-1], scored_from, boundaries)
         boundaries.append((last_start, _rng_state(device)))
+        if starts is not None:
+            starts.extend(state.detach() if state is not None else None for state, _ in boundaries)
         chain_terms, memory_grad = [], None
         for i in reversed(range(len(chain))):
             state, rng = boundaries[i]

@@ -7,16 +7,18 @@ batch B streams, Adam):
     fairseq transformer_lm          --task language_modeling (blocks of T tokens, no memory)
     fairseq truncated_bptt Tr-XL    fairseq's examples/truncated_bptt (HuggingFace TransfoXL), mem T
     ours: baseline, Transformer-XL (mem T), RMT (m, chunk depth 1; chunk depth 3 with
-          --memory-replay; sliding depth 3, with and without replay), Tr-XL + RMT (m, mem T, depth 1)
+          --memory-replay; sliding and prefix depth 3, with and without replay), Tr-XL + RMT
+          (m, mem T, depth 1)
 
 Every measurement runs in a fresh process (``--worker NAME``), and the repeats are interleaved
 (repeat 1 of every model, then repeat 2, ...); the table gives medians. Per model: training
-tokens/s (median step of ``--train-steps`` after one warm-up step; a step is ``task.train_step``
+tokens/s (median step of ``--train-steps`` after two warm-up steps; a step is ``task.train_step``
 and the optimizer step, as fairseq-train runs them; our task uses K = ``--segments-per-sample``
 segments per batch row), eval-lm tokens/s (fairseq-eval-lm's own ``eval_lm`` loop over
 ``--eval-batches`` batches of B x T after one warm-up batch), the process's peak RSS after
-training, and the peak bytes saved for backward during the warm-up step
-(:func:`rmt_plugin.measure.saved_tensor_peak`; deterministic). A second table gives those saved
+training, and the peak bytes saved for backward during the warm-up steps (the second starts from
+a carried state, as every later step does; :func:`rmt_plugin.measure.saved_tensor_peak`;
+deterministic). A second table gives those saved
 bytes for our RMT against the BPTT depth and K (one process, one batch each).
 
 The command behind docs/performance.md (about 15 minutes on one core)::
@@ -49,6 +51,8 @@ MODELS = {  # name -> row label
     "rmt_chunk_replay": "ours, RMT m, chunk, depth 3, --memory-replay",
     "rmt_sliding": "ours, RMT m, sliding, depth 3",
     "rmt_sliding_replay": "ours, RMT m, sliding, depth 3, --memory-replay",
+    "rmt_prefix": "ours, RMT m, prefix, depth 3",
+    "rmt_prefix_replay": "ours, RMT m, prefix, depth 3, --memory-replay",
     "rmt_xl": "ours, Tr-XL + RMT (m, mem T), depth 1",
 }
 
@@ -60,7 +64,7 @@ def parse_args():
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per model (median)")
     parser.add_argument("--train-steps", type=int, default=3,
-                        help="timed training steps after 1 warm-up (their median tokens/s)")
+                        help="timed training steps after 2 warm-up steps (their median tokens/s)")
     parser.add_argument("--eval-batches", type=int, default=16, help="eval-lm batches of B x T tokens")
     parser.add_argument("--tokens-per-sample", type=int, default=128, help="segment length T")
     parser.add_argument("--segments-per-sample", type=int, default=4, help="K, our models' segments per batch row")
@@ -109,6 +113,8 @@ def train_flags(name, args):
         "rmt_chunk_replay": memory + ["--bptt-depth", "3", "--memory-replay"],
         "rmt_sliding": memory + ["--bptt-depth", "3", "--bptt-mode", "sliding"],
         "rmt_sliding_replay": memory + ["--bptt-depth", "3", "--bptt-mode", "sliding", "--memory-replay"],
+        "rmt_prefix": memory + ["--bptt-depth", "3", "--bptt-mode", "prefix"],
+        "rmt_prefix_replay": memory + ["--bptt-depth", "3", "--bptt-mode", "prefix", "--memory-replay"],
         "rmt_xl": memory + ["--mem-len", str(T), "--bptt-depth", "1"],
     }[name]
 
@@ -156,10 +162,11 @@ def measure(name, args):
         optimizer.zero_grad()
         return sample["ntokens"]
 
-    with saved_tensor_peak() as meter:
-        step(0)  # warm-up
+    with saved_tensor_peak() as meter:  # two warm-up steps: the second starts from carried state
+        step(0)                        # (sliding's history, prefix's re-run segments), as all later do
+        step(1)
     rates = []  # the median step: a step slowed down by the machine's other work does not count
-    for update in range(1, args.train_steps + 1):
+    for update in range(2, args.train_steps + 2):
         start = time.perf_counter()
         rates.append(step(update) / (time.perf_counter() - start))
     train_tps = statistics.median(rates)

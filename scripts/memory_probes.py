@@ -233,7 +233,7 @@ def main():
     parser.add_argument("--segment", type=int, default=16, help="segment length T")
     parser.add_argument("--segments", type=int, default=2, help="segments per batch row K")
     parser.add_argument("--depth", type=int, default=1, help="BPTT depth")
-    parser.add_argument("--bptt-mode", default="chunk", choices=["chunk", "sliding"])
+    parser.add_argument("--bptt-mode", default="chunk", choices=["chunk", "sliding", "prefix"])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--updates", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -61,7 +61,7 @@ def train_batch(criterion, model, sample, carried, per_chain):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("mode", ["chunk", "sliding"])
+@pytest.mark.parametrize("mode", ["chunk", "sliding", "prefix"])
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
 @pytest.mark.parametrize("replay", [False, True])
 def test_gradients_equal_one_backward_of_the_summed_loss(variant, mode, depth, replay):
@@ -100,7 +100,7 @@ def test_peak_activations_follow_the_chain_not_the_batch():
     assert peak_saved_bytes(6, depth=1, replay=False) == peak_saved_bytes(2, depth=1, replay=False)
 
 
-@pytest.mark.parametrize("mode", ["chunk", "sliding"])
+@pytest.mark.parametrize("mode", ["chunk", "sliding", "prefix"])
 def test_memory_replay_peak_does_not_grow_with_depth(mode):
     plain = peak_saved_bytes(5, depth=4, replay=False, mode=mode)
     replay = peak_saved_bytes(5, depth=4, replay=True, mode=mode)
@@ -113,7 +113,7 @@ def test_memory_replay_peak_does_not_grow_with_segments_per_sample():
     assert peak_saved_bytes(5, depth=0, replay=True) <= 1.2 * peak_saved_bytes(1, depth=0, replay=True)
 
 
-@pytest.mark.parametrize("mode", ["chunk", "sliding"])
+@pytest.mark.parametrize("mode", ["chunk", "sliding", "prefix"])
 def test_memory_replay_gradients_scale_with_the_loss_scale_once(mode):
     # fp16/AMP's optimizer.backward multiplies every objective by the loss scale; the gradient handed
     # from segment to segment already carries it and must not be scaled again
@@ -128,9 +128,10 @@ def test_memory_replay_gradients_scale_with_the_loss_scale_once(mode):
         torch.testing.assert_close(grad, 1024 * reference[name], rtol=1e-9, atol=1e-9, msg=name)
 
 
-@pytest.mark.parametrize("mode, forwards", [("chunk", 4 + 3), ("sliding", 4 * 4 + 4 * 3)])
+@pytest.mark.parametrize("mode, forwards", [("chunk", 4 + 3), ("sliding", 4 * 4 + 4 * 3), ("prefix", 7 + 6)])
 def test_memory_replay_costs_depth_more_forwards_per_chain(mode, forwards):
-    # K=4, depth 3: chunk is one chain of 4 segments; sliding, 4 chains of 4 (segment + 3 re-runs)
+    # K=4, depth 3: chunk is one chain of 4 segments; sliding, 4 chains of 4 (segment + 3 re-runs);
+    # prefix, one chain of 3 re-run + 4 segments
     task = make_task()
     model = make_model(task, num_mem_tokens=2)
     calls = []

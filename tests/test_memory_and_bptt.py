@@ -261,6 +261,52 @@ def test_sliding_depth_holds_across_batch_borders():
     assert torch.count_nonzero(grad[segment_ids(0)]) == 0
 
 
+def unroll_batches(criterion, model, batches):
+    """Unroll consecutive batches of segments, carrying the state; the last batch's results."""
+    carried = CarriedState(None)
+    for segments in batches:
+        results, carried = criterion.unroll(model, segments, carried)
+    return results
+
+
+def test_prefix_mode_reaches_at_least_depth_segments_back_across_the_batch_border():
+    # K=3, k=2: batch 1 holds segments 0-2, batch 2 segments 3-5, re-running 1 and 2 as its prefix
+    task = make_task(vocab_size=4 + 6 * SEG_LEN)
+    model = make_model(task)
+    segments = distinct_segments(6)
+    results = unroll_batches(make_criterion(task, 2, "prefix"), model, [segments[:3], segments[3:]])
+    assert len(results) == 3  # the prefix is not scored
+    criterion = make_criterion(task, 2, "prefix")
+    for j, reached in [(0, [1, 2, 3]), (2, [1, 2, 3, 4, 5])]:  # batch 2's first and last segment
+        (grad,) = torch.autograd.grad(segment_loss(criterion, model, results[j]), model.decoder.embed_tokens.weight,
+                                      retain_graph=True)
+        for i in range(6):
+            assert bool(grad[segment_ids(i)].abs().sum() > 0) == (i in reached), (j, i)
+
+
+def test_chunk_mode_stops_at_the_batch_border_where_prefix_mode_does_not():
+    task = make_task(vocab_size=4 + 6 * SEG_LEN)
+    model = make_model(task)
+    segments = distinct_segments(6)
+    results = unroll_batches(make_criterion(task, 2, "chunk"), model, [segments[:3], segments[3:]])
+    grad = _embedding_grad_rows(model, segment_loss(make_criterion(task, 2, "chunk"), model, results[0]))
+    assert grad[segment_ids(3)].abs().sum() > 0
+    assert torch.count_nonzero(grad[segment_ids(2)]) == 0
+
+
+def test_prefix_replay_reproduces_the_plain_run():
+    # the prefix re-run starts from the memory its oldest segment started with: without dropout the
+    # second batch's outputs are those of one sequential run over all segments
+    task = make_task(vocab_size=4 + 6 * SEG_LEN)
+    model = make_model(task)
+    segments = distinct_segments(6)
+    with torch.no_grad():
+        plain, _ = make_criterion(task, 0, "chunk").unroll(model, segments, CarriedState(None))
+        prefix = unroll_batches(make_criterion(task, 2, "prefix"), model, [segments[:3], segments[3:]])
+    for a, b in zip(plain[3:], prefix):
+        torch.testing.assert_close(a.net_output[0], b.net_output[0])
+
+
 def test_carried_state_is_detached_between_batches():
     task = make_task()
     model = make_model(task, num_mem_tokens=2, mem_len=3)

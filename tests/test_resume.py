@@ -36,6 +36,12 @@ VARIANTS = {  # every kind of state the criterion carries between batches
     "rmt_sliding_replay_2_ranks": ["--arch", "rmt_tiny", "--num-mem-tokens", "4", "--bptt-depth", "1",
                                    "--bptt-mode", "sliding", "--memory-replay", "--dropout", "0.1",
                                    "--distributed-world-size", "2"],
+    # BPTT across batch borders: the carried prefix, with replay and --update-freq, and on 2 ranks
+    "rmt_prefix_replay_update_freq": ["--arch", "rmt_tiny", "--num-mem-tokens", "4", "--bptt-depth", "1",
+                                      "--bptt-mode", "prefix", "--memory-replay", "--dropout", "0.1",
+                                      "--update-freq", "2"],
+    "rmt_prefix_2_ranks": ["--arch", "rmt_tiny", "--num-mem-tokens", "4", "--bptt-depth", "1",
+                           "--bptt-mode", "prefix", "--distributed-world-size", "2"],
 }
 
 

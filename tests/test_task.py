@@ -139,6 +139,23 @@ def test_no_shuffling_across_epochs(data):
     assert [b["stream"]["index"] for b in second] == list(range(len(first)))
 
 
+def test_colon_separated_data_dirs_are_read_one_per_epoch(data, tmp_path_factory):
+    # fairseq's sharded data: DIR_A:DIR_B trains epoch 1 on A, 2 on B, 3 on A again; a curriculum
+    # over corpora (e.g. memory streams of growing --gap, docs/memory_in_lm.md section 3)
+    first, streams, d = data
+    second = tmp_path_factory.mktemp("second")
+    d.save(str(second / "dict.txt"))
+    write_split(str(second), "train", distinct_lines(d, 40, first_word=200), d)
+    task = make_task(f"{first}{os.pathsep}{second}", splits=())
+    assert task.has_sharded_data("train")  # fairseq-train then reloads the train split every epoch
+    for epoch, expected in [(1, streams["train"]), (2, torch.tensor(sum(distinct_lines(d, 40, 200), []))),
+                            (3, streams["train"])]:
+        task.load_dataset("train", epoch=epoch)
+        batches = epoch_batches(task)
+        tokens = torch.cat([row for row in rows(batches, "src_tokens")])
+        assert set(tokens.tolist()) <= set(expected.tolist()) and len(set(tokens.tolist())) > 10, epoch
+
+
 def test_clear_errors(data):
     data_dir, _, _ = data
     with pytest.raises(ValueError, match="--batch-size"):
