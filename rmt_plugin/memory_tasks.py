@@ -6,23 +6,40 @@ the segments of one example and starting with fresh memory for the next; it is t
 scored on the target tokens only. With the paper's T = 8, copy (24 -> 48 tokens) spans 9
 segments and reverse (24 -> 24) spans 6.
 
+Curriculum (``--curriculum-source-len 4,8,16,24``): training starts at the first source length
+and moves to the next at the start of an epoch when the last validation before it reached
+``--curriculum-threshold`` exact match; validation follows the training length. Example,
+threshold 0.9, validation every epoch::
+
+    epoch 1: source 4   valid exact 0.95 -> epoch 2: source 8   valid 0.60 -> epoch 3: source 8 ...
+
+The current length is logged as ``curriculum_source_len``; it travels in the checkpoint (the
+task state), so a resumed run trains every epoch at the length the uninterrupted run would.
+
 A memory task is a :class:`MemoryTask` subclass registered with :func:`register_memory_task`:
 it names its vocabulary and draws one (source, target) from a numpy random generator. The
 fairseq task ``rmt_memory`` (``--task rmt_memory --memory-task NAME``) turns it into data.
 """
 
+import copy
+import dataclasses
 import hashlib
+import logging
 import math
 from dataclasses import dataclass, field
+from typing import List, Optional
 
 import numpy as np
 import torch
+from fairseq import metrics
 from fairseq.data import Dictionary, FairseqDataset, data_utils
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
-from omegaconf import open_dict
+from omegaconf import DictConfig, open_dict
 
 from .criterion import ChecksCriterionAgainstModel
+
+logger = logging.getLogger(__name__)
 
 MEMORY_TASKS = {}
 SEPARATOR = "<sep>"
@@ -146,6 +163,15 @@ class MemoryTaskConfig(FairseqDataclass):
         metadata={"help": "seed of the example generators; separate from --seed so that runs "
                   "with different training seeds see the same examples"},
     )
+    curriculum_source_len: Optional[str] = field(
+        default=None,
+        metadata={"help": "comma-separated, increasing source lengths to train through, e.g. 4,8,16,24 "
+                  "(replaces --source-len): the next one from the epoch after a validation reaching "
+                  "--curriculum-threshold exact match (see the module docstring)"},
+    )
+    curriculum_threshold: float = field(
+        default=0.9, metadata={"help": "validation exact match that moves --curriculum-source-len on"}
+    )
 
 
 def check_sizes(cfg):
@@ -155,6 +181,31 @@ def check_sizes(cfg):
         value = getattr(cfg, name)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def parse_curriculum(cfg) -> List[int]:
+    """The source lengths of ``--curriculum-source-len`` ([] without one), with one-line errors."""
+    if not cfg.curriculum_source_len:
+        return []
+    try:
+        lengths = [int(x) for x in str(cfg.curriculum_source_len).split(",")]
+    except ValueError:
+        raise ValueError(f"--curriculum-source-len must be comma-separated integers, got {cfg.curriculum_source_len!r}")
+    if lengths[0] < 1 or any(b <= a for a, b in zip(lengths, lengths[1:])):
+        raise ValueError(f"--curriculum-source-len must be positive and increasing, got {cfg.curriculum_source_len!r}")
+    if not 0 < cfg.curriculum_threshold <= 1:
+        raise ValueError(f"--curriculum-threshold must be in (0, 1], got {cfg.curriculum_threshold}")
+    return lengths
+
+
+def with_source_len(cfg, source_len):
+    """A copy of the task config with another ``source_len``."""
+    if isinstance(cfg, DictConfig):
+        cfg = copy.deepcopy(cfg)
+        with open_dict(cfg):
+            cfg.source_len = source_len
+        return cfg
+    return dataclasses.replace(cfg, source_len=source_len)
 
 
 def build_memory_task(cfg):
@@ -300,15 +351,25 @@ class RMTMemoryTask(ChecksCriterionAgainstModel, FairseqTask):
         super().__init__(cfg)
         self.memory_task = memory_task
         self.dictionary = dictionary
+        self.curriculum = parse_curriculum(cfg)
+        if self.curriculum:
+            # level: index into the curriculum; epoch: the last epoch whose training data was made;
+            # last_valid: (exact, rows) of the last validation pass, which decides the next level
+            self.state.merge_state_dict({"curriculum_level": 0, "curriculum_epoch": 0,
+                                         "curriculum_last_valid": [0, 0]})
+        self._valid_counts = None  # (exact, rows) of the validation pass running, if one is
+        self._split_levels = {}  # split -> the curriculum level its examples were made at
+        self._curriculum_datasets = {}  # (split, level) -> dataset
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
         check_sizes(cfg)
+        for source_len in parse_curriculum(cfg) or [cfg.source_len]:
+            memory_task = build_memory_task(with_source_len(cfg, source_len))
+            # fixed-length tasks fail here, before the model is built; others when generated
+            check_segments(memory_task, *draw_checked(memory_task, np.random.default_rng(cfg.data_seed)))
         memory_task = build_memory_task(cfg)
-        dictionary = build_dictionary(memory_task)
-        # fixed-length tasks fail here, before the model is built; others when generated
-        check_segments(memory_task, *draw_checked(memory_task, np.random.default_rng(cfg.data_seed)))
-        return cls(cfg, memory_task, dictionary)
+        return cls(cfg, memory_task, build_dictionary(memory_task))
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         if split not in SPLITS:
@@ -316,9 +377,59 @@ class RMTMemoryTask(ChecksCriterionAgainstModel, FairseqTask):
                 f"rmt_memory generates the splits {', '.join(SPLITS)}, not {split!r} "
                 "(see --train-subset, --valid-subset)"
             )
-        size = getattr(self.cfg, f"{split}_size")
-        examples = generate_split(self.memory_task, split, size, self.cfg.data_seed)
-        self.datasets[split] = MemoryTaskDataset(examples, self.dictionary, self.cfg.tokens_per_sample)
+        if not self.curriculum:
+            self.datasets[split] = self._generate(self.memory_task, split)
+            return
+        if split == "train" and epoch > self.state.curriculum_epoch:
+            self._next_level(epoch)
+        level = self.state.curriculum_level
+        if (split, level) not in self._curriculum_datasets:  # the same examples every epoch: made once
+            memory_task = build_memory_task(with_source_len(self.cfg, self.curriculum[level]))
+            self._curriculum_datasets[split, level] = self._generate(memory_task, split)
+        self.datasets[split] = self._curriculum_datasets[split, level]
+        self._split_levels[split] = level
+        if split == "train":  # validation follows the training length
+            for other, level in list(self._split_levels.items()):
+                if other != "train" and level != self.state.curriculum_level:
+                    self.load_dataset(other)
+
+    def _generate(self, memory_task, split):
+        examples = generate_split(memory_task, split, getattr(self.cfg, f"{split}_size"), self.cfg.data_seed)
+        return MemoryTaskDataset(examples, self.dictionary, self.cfg.tokens_per_sample)
+
+    # ------------------------------------------------------------------ curriculum
+    def has_sharded_data(self, split):
+        # fairseq-train then calls load_dataset("train", epoch) at every epoch start
+        return bool(self.curriculum) or super().has_sharded_data(split)
+
+    def _next_level(self, epoch):
+        """At the start of a new training epoch: one level up if the last validation passed."""
+        exact, rows = self.state.curriculum_last_valid
+        level = self.state.curriculum_level
+        if rows and exact / rows >= self.cfg.curriculum_threshold and level + 1 < len(self.curriculum):
+            logger.info(f"curriculum: validation exact match {exact / rows:.3f} >= --curriculum-threshold "
+                        f"{self.cfg.curriculum_threshold}: source length {self.curriculum[level]} -> "
+                        f"{self.curriculum[level + 1]} from epoch {epoch}")
+            level += 1
+        self.state.merge_state_dict({"curriculum_level": level, "curriculum_epoch": epoch})
+
+    def begin_valid_epoch(self, epoch, model):
+        super().begin_valid_epoch(epoch, model)
+        self._valid_counts = [0, 0] if self.curriculum else None
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        if not self.curriculum:
+            return
+        if self._valid_counts is not None:  # validation: count its exact matches
+            self._valid_counts[0] += sum(log.get("n_exact", 0) for log in logging_outputs)
+            self._valid_counts[1] += sum(log.get("n_rows", 0) for log in logging_outputs)
+            self.state.merge_state_dict({"curriculum_last_valid": list(self._valid_counts)})
+        metrics.log_scalar("curriculum_source_len", self.curriculum[self.state.curriculum_level], round=0)
+
+    def train_step(self, *args, **kwargs):
+        self._valid_counts = None  # the validation pass is over
+        return super().train_step(*args, **kwargs)
 
     def build_criterion(self, cfg):
         # exact match is what these tasks are judged by: always log it (and per-token accuracy)

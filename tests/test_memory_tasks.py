@@ -3,6 +3,7 @@ a tiny RMT that learns a 2-segment copy that the same model without memory canno
 
 import importlib.util
 import json
+import re
 import os
 import subprocess
 import sys
@@ -324,3 +325,71 @@ def test_tiny_rmt_learns_2_segment_copy_that_no_memory_cannot(tmp_path):
     assert rmt_em >= 0.9
     assert no_memory_em <= 0.05
 
+
+
+# ----------------------------------------------------------------------------- curriculum
+class NoCriterion:
+    @staticmethod
+    def reduce_metrics(logging_outputs):
+        pass
+
+
+def source_lengths(dataset):
+    return {int(dataset[i]["target"].ne(dataset.pad).nonzero()[0, 0]) for i in range(len(dataset))}
+
+
+def validate(task, exact, rows):
+    """What fairseq-train's validation hands the task: one pass with this exact match."""
+    from fairseq import metrics
+
+    task.begin_valid_epoch(1, None)
+    with metrics.aggregate():
+        task.reduce_metrics([{"n_exact": exact, "n_rows": rows, "ntokens": 1, "nsentences": rows}], NoCriterion())
+
+
+def test_curriculum_moves_on_at_the_next_epoch_after_a_passing_validation_and_resumes_there():
+    task = make_task(curriculum_source_len="2,4,6", curriculum_threshold=0.75)
+    task.load_dataset("valid")
+    task.load_dataset("train", epoch=1)
+    assert source_lengths(task.datasets["train"]) == {2} and source_lengths(task.datasets["valid"]) == {2}
+    validate(task, exact=30, rows=40)  # 0.75 passes
+    resumed = make_task(curriculum_source_len="2,4,6", curriculum_threshold=0.75)
+    resumed.load_state_dict(task.state_dict())  # a checkpoint saved after that validation
+    resumed.load_dataset("valid")  # as fairseq-train loads it, before the checkpoint
+    for t in (task, resumed):
+        t.load_dataset("train", epoch=2)
+        assert source_lengths(t.datasets["train"]) == {4} and source_lengths(t.datasets["valid"]) == {4}
+    validate(task, exact=29, rows=40)  # fails: epoch 3 stays at 4
+    task.load_dataset("train", epoch=2)  # a mid-epoch resume reloads the same epoch: no change
+    assert source_lengths(task.datasets["train"]) == {4}
+    task.load_dataset("train", epoch=3)
+    assert source_lengths(task.datasets["train"]) == {4}
+
+
+@pytest.mark.parametrize("spec, threshold, needle", [
+    ("4,2", 0.9, "--curriculum-source-len must be positive and increasing"),
+    ("4,x", 0.9, "--curriculum-source-len must be comma-separated integers"),
+    ("2,4", 0.0, "--curriculum-threshold must be in (0, 1]"),
+    ("2,400", 0.9, "more than --max-segments"),
+])
+def test_curriculum_bad_flags_are_one_line_errors(spec, threshold, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        make_task(curriculum_source_len=spec, curriculum_threshold=threshold)
+
+
+def test_curriculum_through_fairseq_train(tmp_path):
+    # a 2-symbol copy (one segment) is learned within the first epoch; then the length moves to 3
+    run = subprocess.run(
+        [FAIRSEQ_TRAIN, "--user-dir", "rmt_plugin", "--task", "rmt_memory", "--memory-task", "copy",
+         "--copy-repeats", "1", "--curriculum-source-len", "2,3", "--curriculum-threshold", "0.5",
+         "--tokens-per-sample", "8", "--train-size", "2000", "--valid-size", "64", "--test-size", "16",
+         "--arch", "rmt_tiny", "--criterion", "rmt_lm", "--optimizer", "adam", "--lr", "3e-3",
+         "--batch-size", "32", "--max-epoch", "3", "--cpu", "--no-save", "--num-workers", "0",
+         "--save-dir", str(tmp_path), "--log-format", "json", "--seed", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = run.stdout + run.stderr
+    epochs = [json.loads(line[line.index("{"):]) for line in log.splitlines() if "| train |" in line]
+    assert [float(e["train_curriculum_source_len"]) for e in epochs] == [2, 3, 3], log[-3000:]
+    assert "curriculum: validation exact match" in log and "source length 2 -> 3 from epoch 2" in log
