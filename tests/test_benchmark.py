@@ -13,7 +13,7 @@ def test_benchmark_prints_the_side_by_side_table(tiny_data_bin, tmp_path):
         [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--data", str(tiny_data_bin), "--tiny",
          "--repeats", "1", "--train-steps", "1", "--eval-batches", "1", "--batch-size", "2",
          "--segments-per-sample", "2", "--tokens-per-sample", "8", "--num-mem-tokens", "2",
-         "--models", "transformer_lm", "rmt_chunk", "--no-sweep", "--out", str(out)],
+         "--models", "transformer_lm", "rmt_chunk", "rmt_prefix", "--no-sweep", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -22,4 +22,7 @@ def test_benchmark_prints_the_side_by_side_table(tiny_data_bin, tmp_path):
     assert rows["| fairseq transformer_lm"][1] == "1.00"
     rmt = rows["| ours, RMT m, chunk, depth 1"]
     assert float(rmt[0]) > 0 and float(rmt[2]) > 0  # train and eval-lm tokens/s
+    prefix = rows["| ours, RMT m, prefix, depth 3"]  # its second warm-up step re-runs a carried prefix
+    saved = {name: float(row[-1].rstrip(" |")) for name, row in (("chunk", rmt), ("prefix", prefix))}
+    assert float(prefix[0]) > 0 and saved["prefix"] > saved["chunk"] > 0, saved  # K+k segments' activations
     assert "| RMT / transformer_lm eval-lm cost per token |" in table
