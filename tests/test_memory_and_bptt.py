@@ -235,19 +235,6 @@ def test_chunk_mode_restarts_the_depth_at_each_chunk():
     assert torch.count_nonzero(grad[segment_ids(1)]) == 0
 
 
-def test_sliding_replay_starts_from_the_memory_of_k_segments_back():
-    # Replaying s(j-k)..s(j-1) from the memory s(j-k) started with must reproduce the plain
-    # sequential run exactly; restarting from the newest memory (the paper code's slip) would not.
-    task = make_task(vocab_size=4 + 6 * SEG_LEN)
-    model = make_model(task)
-    segments = distinct_segments(6)
-    with torch.no_grad():
-        plain, _ = make_criterion(task, 0, "chunk").unroll(model, segments, CarriedState(None))
-        sliding, _ = make_criterion(task, 2, "sliding").unroll(model, segments, CarriedState(None))
-    for a, b in zip(plain, sliding):
-        assert torch.allclose(a.net_output[0], b.net_output[0], atol=1e-6)
-
-
 def test_sliding_depth_holds_across_batch_borders():
     task = make_task(vocab_size=4 + 5 * SEG_LEN)
     model = make_model(task)
@@ -294,16 +281,18 @@ def test_chunk_mode_stops_at_the_batch_border_where_prefix_mode_does_not():
     assert torch.count_nonzero(grad[segment_ids(2)]) == 0
 
 
-def test_prefix_replay_reproduces_the_plain_run():
-    # the prefix re-run starts from the memory its oldest segment started with: without dropout the
-    # second batch's outputs are those of one sequential run over all segments
+@pytest.mark.parametrize("mode", ["sliding", "prefix"])
+def test_replay_starts_from_the_memory_of_k_segments_back(mode):
+    # Re-running s(j-k)..s(j-1) from the memory s(j-k) started with, across the batch border too,
+    # must reproduce the plain sequential run exactly (no dropout); restarting from the newest
+    # memory (the paper code's slip in sliding mode) would not.
     task = make_task(vocab_size=4 + 6 * SEG_LEN)
     model = make_model(task)
     segments = distinct_segments(6)
     with torch.no_grad():
         plain, _ = make_criterion(task, 0, "chunk").unroll(model, segments, CarriedState(None))
-        prefix = unroll_batches(make_criterion(task, 2, "prefix"), model, [segments[:3], segments[3:]])
-    for a, b in zip(plain[3:], prefix):
+        second_batch = unroll_batches(make_criterion(task, 2, mode), model, [segments[:3], segments[3:]])
+    for a, b in zip(plain[3:], second_batch):
         torch.testing.assert_close(a.net_output[0], b.net_output[0])
 
 
