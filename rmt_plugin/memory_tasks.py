@@ -8,10 +8,12 @@ segments and reverse (24 -> 24) spans 6.
 
 Curriculum (``--curriculum-source-len 4,8,16,24``): training starts at the first source length
 and moves to the next at the start of an epoch when the last validation before it reached
-``--curriculum-threshold`` exact match; validation follows the training length. Example,
-threshold 0.9, validation every epoch::
+``--curriculum-threshold`` exact match on the ``valid`` split, which follows the training
+length. The ``test`` split is always made at the last length, so its exact match is the task's
+(and never steers the curriculum). Example, threshold 0.9, validation every epoch::
 
     epoch 1: source 4   valid exact 0.95 -> epoch 2: source 8   valid 0.60 -> epoch 3: source 8 ...
+    (test: source 24 throughout)
 
 The current length is logged as ``curriculum_source_len``; it travels in the checkpoint (the
 task state), so a resumed run trains every epoch at the length the uninterrupted run would.
@@ -35,7 +37,7 @@ from fairseq import metrics
 from fairseq.data import Dictionary, FairseqDataset, data_utils
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
-from omegaconf import DictConfig, open_dict
+from omegaconf import II, DictConfig, open_dict
 
 from .criterion import ChecksCriterionAgainstModel
 
@@ -170,8 +172,10 @@ class MemoryTaskConfig(FairseqDataclass):
                   "--curriculum-threshold exact match (see the module docstring)"},
     )
     curriculum_threshold: float = field(
-        default=0.9, metadata={"help": "validation exact match that moves --curriculum-source-len on"}
+        default=0.9, metadata={"help": "exact match on the valid split that moves --curriculum-source-len on"}
     )
+    # Only read to fail early: the curriculum needs the valid split validated.
+    valid_subset: str = II("dataset.valid_subset")
 
 
 def check_sizes(cfg):
@@ -195,6 +199,9 @@ def parse_curriculum(cfg) -> List[int]:
         raise ValueError(f"--curriculum-source-len must be positive and increasing, got {cfg.curriculum_source_len!r}")
     if not 0 < cfg.curriculum_threshold <= 1:
         raise ValueError(f"--curriculum-threshold must be in (0, 1], got {cfg.curriculum_threshold}")
+    if "valid" not in str(cfg.valid_subset).split(","):
+        raise ValueError(f"--curriculum-source-len moves on by the valid split's exact match, but --valid-subset "
+                         f"{cfg.valid_subset} does not validate it")
     return lengths
 
 
@@ -297,7 +304,8 @@ def generate_split(memory_task, split, size, seed):
 class MemoryTaskDataset(FairseqDataset):
     """Examples of one split, one per row; batches are padded to a multiple of T columns."""
 
-    def __init__(self, examples, dictionary, tokens_per_sample):
+    def __init__(self, examples, dictionary, tokens_per_sample, split):
+        self.split = split
         offset, sep = first_symbol_index(dictionary), dictionary.index(SEPARATOR)
         self.pad, self.tokens_per_sample = dictionary.pad(), tokens_per_sample
         rows = [layout(source + offset, target + offset, sep, self.pad) for source, target in examples]
@@ -340,6 +348,7 @@ class MemoryTaskDataset(FairseqDataset):
                 "src_lengths": torch.LongTensor([len(s["source"]) for s in samples]),
             },
             "target": target,
+            "split": self.split,
         }
 
 
@@ -382,20 +391,19 @@ class RMTMemoryTask(ChecksCriterionAgainstModel, FairseqTask):
             return
         if split == "train" and epoch > self.state.curriculum_epoch:
             self._next_level(epoch)
-        level = self.state.curriculum_level
+        # test: always the last length (see the module docstring)
+        level = len(self.curriculum) - 1 if split == "test" else self.state.curriculum_level
         if (split, level) not in self._curriculum_datasets:  # the same examples every epoch: made once
             memory_task = build_memory_task(with_source_len(self.cfg, self.curriculum[level]))
             self._curriculum_datasets[split, level] = self._generate(memory_task, split)
         self.datasets[split] = self._curriculum_datasets[split, level]
         self._split_levels[split] = level
-        if split == "train":  # validation follows the training length
-            for other, level in list(self._split_levels.items()):
-                if other != "train" and level != self.state.curriculum_level:
-                    self.load_dataset(other)
+        if split == "train" and self._split_levels.get("valid", level) != level:  # valid follows
+            self.load_dataset("valid")
 
     def _generate(self, memory_task, split):
         examples = generate_split(memory_task, split, getattr(self.cfg, f"{split}_size"), self.cfg.data_seed)
-        return MemoryTaskDataset(examples, self.dictionary, self.cfg.tokens_per_sample)
+        return MemoryTaskDataset(examples, self.dictionary, self.cfg.tokens_per_sample, split)
 
     # ------------------------------------------------------------------ curriculum
     def has_sharded_data(self, split):
@@ -421,15 +429,34 @@ class RMTMemoryTask(ChecksCriterionAgainstModel, FairseqTask):
         super().reduce_metrics(logging_outputs, criterion)
         if not self.curriculum:
             return
-        if self._valid_counts is not None:  # validation: count its exact matches
-            self._valid_counts[0] += sum(log.get("n_exact", 0) for log in logging_outputs)
-            self._valid_counts[1] += sum(log.get("n_rows", 0) for log in logging_outputs)
+        if self._valid_counts is not None:  # validation: count the valid split's exact matches
+            self._valid_counts[0] += sum(log.get("curriculum_exact", 0) for log in logging_outputs)
+            self._valid_counts[1] += sum(log.get("curriculum_rows", 0) for log in logging_outputs)
             self.state.merge_state_dict({"curriculum_last_valid": list(self._valid_counts)})
-        metrics.log_scalar("curriculum_source_len", self.curriculum[self.state.curriculum_level], round=0)
+        rows = sum(log.get("nsentences", 0) for log in logging_outputs)
+        if rows:
+            length = sum(log.get("curriculum_source_len_x_rows", 0) for log in logging_outputs) / rows
+            metrics.log_scalar("curriculum_source_len", length, rows, round=0)
 
-    def train_step(self, *args, **kwargs):
+    def valid_step(self, sample, model, criterion):
+        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        if self.curriculum and sample.get("split") == "valid":
+            # under their own names, so that the counts of all ranks reach reduce_metrics
+            logging_output.update(curriculum_exact=logging_output["n_exact"],
+                                  curriculum_rows=logging_output["n_rows"])
+        return loss, sample_size, self._log_source_len(sample, logging_output)
+
+    def train_step(self, sample, *args, **kwargs):
         self._valid_counts = None  # the validation pass is over
-        return super().train_step(*args, **kwargs)
+        loss, sample_size, logging_output = super().train_step(sample, *args, **kwargs)
+        return loss, sample_size, self._log_source_len(sample, logging_output)
+
+    def _log_source_len(self, sample, logging_output):
+        """The batch's source length, times its rows: summable over batches and ranks like the rest."""
+        if self.curriculum and sample.get("split") in self._split_levels:
+            source_len = self.curriculum[self._split_levels[sample["split"]]]
+            logging_output["curriculum_source_len_x_rows"] = source_len * logging_output.get("nsentences", 0)
+        return logging_output
 
     def build_criterion(self, cfg):
         # exact match is what these tasks are judged by: always log it (and per-token accuracy)

@@ -27,7 +27,7 @@ from rmt_plugin.memory_tasks import (
 
 REPO = Path(__file__).resolve().parents[1]
 FAIRSEQ_TRAIN = str(Path(sys.executable).with_name("fairseq-train"))
-SMALL_SPLITS = dict(train_size=300, valid_size=40, test_size=40)
+SMALL_SPLITS = dict(train_size=300, valid_size=40, test_size=40, valid_subset="valid")
 
 
 def make_task(**overrides):
@@ -338,28 +338,51 @@ def source_lengths(dataset):
     return {int(dataset[i]["target"].ne(dataset.pad).nonzero()[0, 0]) for i in range(len(dataset))}
 
 
-def validate(task, exact, rows):
-    """What fairseq-train's validation hands the task: one pass with this exact match."""
+class CountingCriterion:
+    """Stands in for rmt_lm in valid_step: reports the exact matches it is given per split."""
+
+    def __init__(self, exact_by_split):
+        self.exact_by_split = exact_by_split
+
+    def __call__(self, model, sample):
+        exact, rows = self.exact_by_split[sample["split"]]
+        return torch.zeros(()), rows, {"n_exact": exact, "n_rows": rows, "ntokens": 1, "nsentences": rows}
+
+    @staticmethod
+    def reduce_metrics(logging_outputs):
+        pass
+
+
+def validate(task, exact, rows, test=(0, 40)):
+    """What fairseq-train's validation does with --valid-subset valid,test: one pass over both
+    splits with these exact matches (the test split's must not count)."""
     from fairseq import metrics
 
+    criterion = CountingCriterion({"valid": (exact, rows), "test": test})
     task.begin_valid_epoch(1, None)
-    with metrics.aggregate():
-        task.reduce_metrics([{"n_exact": exact, "n_rows": rows, "ntokens": 1, "nsentences": rows}], NoCriterion())
+    for split in ("valid", "test"):
+        sample = task.datasets[split].collater([task.datasets[split][0]])
+        _, _, logging_output = task.valid_step(sample, torch.nn.Module(), criterion)
+        with metrics.aggregate():
+            task.reduce_metrics([logging_output], criterion)
 
 
 def test_curriculum_moves_on_at_the_next_epoch_after_a_passing_validation_and_resumes_there():
     task = make_task(curriculum_source_len="2,4,6", curriculum_threshold=0.75)
     task.load_dataset("valid")
+    task.load_dataset("test")
     task.load_dataset("train", epoch=1)
     assert source_lengths(task.datasets["train"]) == {2} and source_lengths(task.datasets["valid"]) == {2}
-    validate(task, exact=30, rows=40)  # 0.75 passes
+    assert source_lengths(task.datasets["test"]) == {6}  # the test split is the task's: the last length
+    validate(task, exact=30, rows=40)  # 0.75 passes (with the test split's 0 / 40 it would not)
     resumed = make_task(curriculum_source_len="2,4,6", curriculum_threshold=0.75)
     resumed.load_state_dict(task.state_dict())  # a checkpoint saved after that validation
     resumed.load_dataset("valid")  # as fairseq-train loads it, before the checkpoint
     for t in (task, resumed):
         t.load_dataset("train", epoch=2)
         assert source_lengths(t.datasets["train"]) == {4} and source_lengths(t.datasets["valid"]) == {4}
-    validate(task, exact=29, rows=40)  # fails: epoch 3 stays at 4
+    assert source_lengths(task.datasets["test"]) == {6}
+    validate(task, exact=29, rows=40, test=(40, 40))  # fails, whatever the test split's: epoch 3 stays at 4
     task.load_dataset("train", epoch=2)  # a mid-epoch resume reloads the same epoch: no change
     assert source_lengths(task.datasets["train"]) == {4}
     task.load_dataset("train", epoch=3)
@@ -371,10 +394,12 @@ def test_curriculum_moves_on_at_the_next_epoch_after_a_passing_validation_and_re
     ("4,x", 0.9, "--curriculum-source-len must be comma-separated integers"),
     ("2,4", 0.0, "--curriculum-threshold must be in (0, 1]"),
     ("2,400", 0.9, "more than --max-segments"),
+    ("2,4", 0.9, "--valid-subset test does not validate it"),
 ])
 def test_curriculum_bad_flags_are_one_line_errors(spec, threshold, needle):
+    valid_subset = "test" if "valid-subset" in needle else "valid"
     with pytest.raises(ValueError, match=re.escape(needle)):
-        make_task(curriculum_source_len=spec, curriculum_threshold=threshold)
+        make_task(curriculum_source_len=spec, curriculum_threshold=threshold, valid_subset=valid_subset)
 
 
 def test_curriculum_through_fairseq_train(tmp_path):
@@ -385,11 +410,13 @@ def test_curriculum_through_fairseq_train(tmp_path):
          "--tokens-per-sample", "8", "--train-size", "2000", "--valid-size", "64", "--test-size", "16",
          "--arch", "rmt_tiny", "--criterion", "rmt_lm", "--optimizer", "adam", "--lr", "3e-3",
          "--batch-size", "32", "--max-epoch", "3", "--cpu", "--no-save", "--num-workers", "0",
-         "--save-dir", str(tmp_path), "--log-format", "json", "--seed", "1"],
+         "--valid-subset", "valid,test", "--save-dir", str(tmp_path), "--log-format", "json", "--seed", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert run.returncode == 0, run.stderr[-3000:]
     log = run.stdout + run.stderr
     epochs = [json.loads(line[line.index("{"):]) for line in log.splitlines() if "| train |" in line]
     assert [float(e["train_curriculum_source_len"]) for e in epochs] == [2, 3, 3], log[-3000:]
+    tests = [json.loads(line[line.index("{"):]) for line in log.splitlines() if "| test |" in line]
+    assert [float(e["test_curriculum_source_len"]) for e in tests] == [3, 3, 3], log[-3000:]
     assert "curriculum: validation exact match" in log and "source length 2 -> 3 from epoch 2" in log
