@@ -95,6 +95,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from torch import Tensor
 
 from . import diagnostics
+from .epoch_schedule import at_epoch, parse_schedule
 from .model import RMTState
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,11 @@ class RMTLMCriterionConfig(FairseqDataclass):
         default=1,
         metadata={"help": "gradient flows through the memory of at most this many previous segments "
                           "(0: memory is a detached input)"},
+    )
+    bptt_depth_schedule: Optional[str] = field(
+        default=None,
+        metadata={"help": "--task rmt_lm: --bptt-depth per epoch, comma-separated like --update-freq, the last "
+                          "value from then on (e.g. 0,1,3; replaces --bptt-depth; see epoch_schedule.py)"},
     )
     bptt_mode: BPTT_MODES = field(
         default="chunk",
@@ -257,8 +263,8 @@ class ChecksCriterionAgainstModel:
 
 @register_criterion("rmt_lm", dataclass=RMTLMCriterionConfig)
 class RMTLMCriterion(FairseqCriterion):
-    def __init__(self, task, bptt_depth=1, bptt_mode="chunk", memory_replay=False, report_accuracy=False,
-                 memory_only_loss_weight=0.0, memory_token_loss_weight=0.0):
+    def __init__(self, task, bptt_depth=1, bptt_depth_schedule=None, bptt_mode="chunk", memory_replay=False,
+                 report_accuracy=False, memory_only_loss_weight=0.0, memory_token_loss_weight=0.0):
         super().__init__(task)
         if getattr(getattr(task, "cfg", None), "tokens_per_sample", None) is None:  # no segments to unroll
             raise ValueError(f"--criterion rmt_lm unrolls segments with carried memory and needs --task rmt_lm or "
@@ -271,18 +277,34 @@ class RMTLMCriterion(FairseqCriterion):
                 raise ValueError(f"{flag} must be >= 0, got {weight}")
         self.memory_only_loss_weight = memory_only_loss_weight
         self.memory_token_loss_weight = memory_token_loss_weight
-        self.bptt_depth = bptt_depth
+        self.depths = parse_schedule(bptt_depth_schedule, "--bptt-depth-schedule", 0) or [bptt_depth]
         self.bptt_mode = bptt_mode
         self.memory_replay = memory_replay
         self.report_accuracy = report_accuracy
         self.segment_length = task.cfg.tokens_per_sample
-        segments = getattr(task.cfg, "segments_per_sample", None)
-        if bptt_mode == "chunk" and bptt_depth > 0 and segments and segments % (bptt_depth + 1):
-            logger.warning(
-                f"--bptt-mode chunk detaches memory every --bptt-depth+1 = {bptt_depth + 1} segments and at "
-                f"every batch start, but --segments-per-sample is {segments}: some chunks are cut short; "
-                "use a multiple of bptt_depth+1 or --bptt-mode sliding"
-            )
+        segments = getattr(task, "segment_schedule", None)  # rmt_lm's K per epoch
+        # log what each training batch used when either schedule is set
+        self.log_schedule = (bptt_depth_schedule is not None
+                             or getattr(task.cfg, "segments_per_sample_schedule", None) is not None)
+        if bptt_depth_schedule is not None and segments is None:
+            raise ValueError(f"--bptt-depth-schedule sets the depth per epoch of --task rmt_lm, not --task "
+                             f"{type(task).__name__}; use --bptt-depth")
+        self.warn_if_chunks_straddle_batches(segments or [])
+
+    def warn_if_chunks_straddle_batches(self, segments):
+        """Chunk mode: warn (once) at the first epoch whose K is not a multiple of depth + 1."""
+        if self.bptt_mode != "chunk":
+            return
+        for epoch in range(1, max(len(segments), len(self.depths)) + 1):
+            k, depth = at_epoch(segments, epoch) if segments else None, at_epoch(self.depths, epoch)
+            if depth > 0 and k and k % (depth + 1):
+                logger.warning(
+                    f"--bptt-mode chunk detaches memory every --bptt-depth+1 = {depth + 1} segments and at "
+                    f"every batch start, but --segments-per-sample is {k}"
+                    f"{f' in epoch {epoch}' if len(segments) > 1 or len(self.depths) > 1 else ''}: some chunks "
+                    "are cut short; use a multiple of bptt_depth+1 or --bptt-mode sliding"
+                )
+                return
 
     def forward(self, model, sample, reduce=True):
         """Fresh memory for this batch (each batch row starts a new stream)."""
@@ -301,11 +323,13 @@ class RMTLMCriterion(FairseqCriterion):
         tokens = sample["net_input"]["src_tokens"]
         segments = [(t.contiguous(), y.contiguous()) for t, y in zip(
             tokens.split(self.segment_length, dim=1), sample["target"].split(self.segment_length, dim=1))]
+        epoch = sample.get("stream", {}).get("epoch", 1)
         if backward is None:
-            results, carried = self.unroll(model, segments, carried or CarriedState(None))
+            results, carried = self.unroll(model, segments, carried or CarriedState(None), epoch)
             terms = [self.segment_terms(model, r) for r in results]
         else:
-            terms, carried = self.unroll_with_backward(model, segments, carried or CarriedState(None), backward)
+            terms, carried = self.unroll_with_backward(model, segments, carried or CarriedState(None), backward,
+                                                       epoch)
         self.warn_if_not_finite(terms, sample)
         loss = sum(t.lm for t in terms)
         sample_size = sample["target"].ne(self.padding_idx).sum().item()
@@ -327,6 +351,11 @@ class RMTLMCriterion(FairseqCriterion):
         if memory is not None:
             logging_output["mem_norm"] = memory.float().norm(dim=-1).mean().item()
             logging_output["mem_batches"] = 1
+        if backward is not None and self.log_schedule:
+            # the epoch's K (from the width: its last batch may hold fewer segments) and depth
+            logging_output.update(segments_per_sample=sample["stream"]["width"] // self.segment_length,
+                                  bptt_depth=at_epoch(self.depths, epoch),
+                                  schedule_batches=1)
         if self.report_accuracy:
             wrong_per_row = sum(t.accuracy[1] for t in terms)
             logging_output.update(n_correct=int(sum(t.accuracy[0] for t in terms)),
@@ -362,16 +391,16 @@ class RMTLMCriterion(FairseqCriterion):
             )
 
     # ------------------------------------------------------------------ the BPTT schedule
-    def schedule(self, model):
-        """The schedule function for this model (module docstring); no memory means depth 0."""
-        depth = self.bptt_depth if model.decoder.num_mem_tokens > 0 else 0
+    def schedule(self, model, epoch=1):
+        """The schedule function for this model in this epoch (module docstring); no memory means depth 0."""
+        depth = at_epoch(self.depths, epoch) if model.decoder.num_mem_tokens > 0 else 0
         if self.bptt_mode == "sliding" and depth > 0:
             return lambda segments, carried, run_chain: sliding_schedule(segments, carried, depth, run_chain)
         if self.bptt_mode == "prefix" and depth > 0:
             return lambda segments, carried, run_chain: prefix_schedule(segments, carried, depth, run_chain)
         return lambda segments, carried, run_chain: chunk_schedule(segments, carried, depth, run_chain)
 
-    def unroll(self, model, segments, carried: CarriedState):
+    def unroll(self, model, segments, carried: CarriedState, epoch=1):
         """Run ``segments`` [(tokens, target), ...] keeping every graph; returns the scored segments'
         results and the state to carry (validation, and the tests that read gradients per segment)."""
         results = []
@@ -381,9 +410,9 @@ class RMTLMCriterion(FairseqCriterion):
             results.extend(chain_results)
             return end
 
-        return results, self.schedule(model)(segments, carried, run_chain)
+        return results, self.schedule(model, epoch)(segments, carried, run_chain)
 
-    def unroll_with_backward(self, model, segments, carried: CarriedState, backward):
+    def unroll_with_backward(self, model, segments, carried: CarriedState, backward, epoch=1):
         """Training: like :meth:`unroll`, but every chain is back-propagated (``backward(objective)``)
         as soon as it has run and its graph freed, so only one chain's activations are alive at a
         time (one segment's with ``--memory-replay``). Returns the detached terms of the scored
@@ -399,7 +428,7 @@ class RMTLMCriterion(FairseqCriterion):
             terms.extend(t.detach() for t in chain_terms)
             return end
 
-        return terms, self.schedule(model)(segments, carried, run_chain)
+        return terms, self.schedule(model, epoch)(segments, carried, run_chain)
 
     def run_chain(self, model, state, chain, scored_from, boundaries=None, starts=None):
         """Run ``chain`` [(tokens, target), ...] from ``state``; ``chain[scored_from:]`` are scored
@@ -536,6 +565,9 @@ class RMTLMCriterion(FairseqCriterion):
             if any(extra_loss in log for log in logging_outputs):
                 metrics.log_scalar(extra_loss, total(extra_loss) / max(sample_size, 1) / math.log(2), sample_size,
                                    round=3)
+        if total("schedule_batches") > 0:
+            for key in ("segments_per_sample", "bptt_depth"):
+                metrics.log_scalar(key, total(key) / total("schedule_batches"), total("schedule_batches"), round=2)
         if total("mem_batches") > 0:
             metrics.log_scalar("mem_norm", total("mem_norm") / total("mem_batches"), total("mem_batches"),
                                round=3)

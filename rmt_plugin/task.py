@@ -6,7 +6,8 @@ streams of equal length ``L = N // S``; the last ``N mod S`` tokens (fewer than 
 dropped and logged, so every batch is full and every rank has the same number of batches
 (``--batch-size 1`` in ``fairseq-eval-lm`` scores the whole split). Rank ``r`` owns streams
 ``r*B .. r*B+B-1``. Batch ``t`` holds, per stream, the next ``K*T`` tokens (``T =
---tokens-per-sample``, ``K = --segments-per-sample``; the final batch may be narrower), so row
+--tokens-per-sample``, ``K = --segments-per-sample``, or per epoch ``--segments-per-sample-schedule``
+(:mod:`rmt_plugin.epoch_schedule`); the final batch may be narrower), so row
 ``i`` of batch ``t+1`` continues row ``i`` of batch ``t``. Nothing is shuffled. Every kept token
 is a target, predicted from the token before it in the split; the split's first token is
 predicted from an eos, as if a previous line had just ended (fairseq's ``TokenBlockDataset``
@@ -41,6 +42,7 @@ from omegaconf import II
 
 from .criterion import ChecksCriterionAgainstModel
 from .diagnostics import StreamDiagnostics, diagnose_batch
+from .epoch_schedule import at_epoch, parse_schedule
 from .model import RMTLanguageModel
 from .resume import carried_from_plain, carried_to_plain, check_layout, data_parallel_rank_and_size, gather_ranks
 
@@ -61,6 +63,11 @@ class RMTLMConfig(FairseqDataclass):
         default=1,
         metadata={"help": "K consecutive segments per batch row (batches are B x K*T) for the "
                   "criterion to unroll; fairseq-eval-lm always feeds one segment per batch"},
+    )
+    segments_per_sample_schedule: Optional[str] = field(
+        default=None,
+        metadata={"help": "--segments-per-sample per epoch, comma-separated like --update-freq, the last value "
+                  "from then on (e.g. 1,2,4; replaces --segments-per-sample; see epoch_schedule.py)"},
     )
     memory_diagnostics: bool = field(
         default=False,
@@ -175,7 +182,7 @@ class StreamBatches(FairseqDataset):
             "ntokens": targets.numel(),
             "net_input": net_input,
             "target": targets,
-            "stream": {"split": self.stream.split, "index": index, "batches": len(self)},
+            "stream": {"split": self.stream.split, "index": index, "batches": len(self), "width": self.width},
         }
 
 
@@ -197,6 +204,12 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         super().__init__(cfg)
         _check_positive(cfg.tokens_per_sample, "--tokens-per-sample")
         _check_positive(cfg.segments_per_sample, "--segments-per-sample")
+        if cfg.segments_per_sample_schedule is not None and cfg.segments_per_sample != 1:
+            raise ValueError("--segments-per-sample-schedule replaces --segments-per-sample: give one of them")
+        # K per epoch (epoch_schedule.py); the criterion reads it too
+        self.segment_schedule = (parse_schedule(cfg.segments_per_sample_schedule, "--segments-per-sample-schedule", 1)
+                                 or [cfg.segments_per_sample])
+        self._epoch = 1  # the training epoch running
         _check_batch_size(cfg.batch_size)
         paths = utils.split_paths(cfg.data)
         dict_path = os.path.join(paths[0], "dict.txt")
@@ -254,11 +267,11 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         ``num_shards``/``shard_id``, which is what gives every rank its own streams.
         """
         _check_batch_size(max_sentences)
-        self._check_saved_layout(dataset, max_sentences, num_shards)
+        segments = at_epoch(self.segment_schedule, epoch)  # fairseq passes epoch 1 for validation
+        self._check_saved_layout(dataset, max_sentences, num_shards, segments)
         self._check_valid_splits(num_shards)
         batches = StreamBatches(
-            dataset, max_sentences, num_shards, shard_id,
-            width=self.cfg.tokens_per_sample * self.cfg.segments_per_sample,
+            dataset, max_sentences, num_shards, shard_id, width=self.cfg.tokens_per_sample * segments,
         )
         return self._iterator(batches, num_workers, epoch, data_buffer_size,
                               skip_remainder_batch)
@@ -282,6 +295,10 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         # every batch, and the memory would never get from one batch to the next.
         return self._iterator(batches, 0, 1, data_buffer_size).next_epoch_itr(shuffle=False)
 
+    def begin_epoch(self, epoch, model):
+        super().begin_epoch(epoch, model)
+        self._epoch = epoch
+
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         """FairseqTask.train_step, with the memory carried over from the previous batch."""
         model.train()
@@ -290,6 +307,7 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         # must not depend on the stream's memory, nor move it.
         state = None if ignore_grad else self._resume("train", sample)
         sample["stream"]["update"] = update_num  # for the criterion's messages
+        sample["stream"]["epoch"] = self._epoch  # for --bptt-depth-schedule
 
         def backward(objective):
             # The criterion back-propagates each chain of segments as soon as it has run (several
@@ -316,7 +334,7 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
             if self.cfg.memory_diagnostics:
                 logging_output.update(diagnose_batch(
                     model, sample, state.model_state if state is not None else None,
-                    self.cfg.tokens_per_sample, self.cfg.segments_per_sample,
+                    self.cfg.tokens_per_sample, sample["stream"]["width"] // self.cfg.tokens_per_sample,
                 ))
         self._remember("valid", sample, next_state)
         return loss, sample_size, logging_output
@@ -357,7 +375,8 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         """
         local = {split: {"next_index": cursor.next_index, "state": _plain_state(cursor.state)}
                  for (role, split), cursor in self._cursors.items() if role == "train"}
-        return {"layout": self._layout(self.cfg.batch_size, data_parallel_rank_and_size()[1]),
+        segments = at_epoch(self.segment_schedule, self._epoch)
+        return {"layout": self._layout(self.cfg.batch_size, data_parallel_rank_and_size()[1], segments),
                 "ranks": gather_ranks(local)}
 
     def load_state_dict(self, state_dict):
@@ -378,21 +397,21 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
             if split in self.datasets:
                 _check_streams(self.datasets[split], batch_size, num_shards, "--batch-size-valid")
 
-    def _layout(self, batch_size, world_size):
+    def _layout(self, batch_size, world_size, segments):
         return {
             "tokens_per_sample": self.cfg.tokens_per_sample,
-            "segments_per_sample": self.cfg.segments_per_sample,
+            "segments_per_sample": segments,
             "batch_size": batch_size,
             "world_size": world_size,
             "split_tokens": {split: len(dataset) for split, dataset in self.datasets.items()},
         }
 
-    def _check_saved_layout(self, dataset, batch_size, num_shards):
+    def _check_saved_layout(self, dataset, batch_size, num_shards, segments):
         """Refuse restored cursors of ``dataset`` that belong to other streams (checked once, when
         fairseq builds the training iterator right after loading the checkpoint)."""
         saved, self._saved_layout = self._saved_layout, None
         if saved is not None and ("train", dataset.split) in self._cursors:
-            check_layout(saved, self._layout(batch_size, num_shards), dataset.split)
+            check_layout(saved, self._layout(batch_size, num_shards, segments), dataset.split)
 
     @staticmethod
     def _iterator(batches, num_workers, epoch, data_buffer_size, skip_remainder_batch=False):

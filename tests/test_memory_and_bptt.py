@@ -310,11 +310,43 @@ def test_carried_state_is_detached_between_batches():
 
 def test_chunk_mode_warns_when_chunks_straddle_batches(caplog):
     task = make_task()
-    task.cfg.segments_per_sample = 3
+    task.segment_schedule = [3]  # rmt_lm's K per epoch
     make_criterion(task, 2, "chunk")
     assert not caplog.records
     make_criterion(task, 1, "chunk")
     assert "--segments-per-sample is 3" in caplog.text
+    caplog.clear()
+    task.segment_schedule = [2, 4, 8]
+    RMTLMCriterion(task, bptt_depth_schedule="1,3")  # chunks of 2, 4, 4
+    assert not caplog.records
+    RMTLMCriterion(task, bptt_depth_schedule="1,2")  # epoch 2: 4 segments in chunks of 3
+    assert "--segments-per-sample is 4 in epoch 2" in caplog.text
+
+
+def test_depth_schedule_sets_the_depth_of_each_epoch():
+    # --bptt-depth-schedule 0,3, 4 segments per row, chunk mode: epoch 1 back-propagates 4 chains
+    # of one segment, epoch 2 on one chain whose loss reaches all 4 segments
+    task = make_task(vocab_size=4 + 4 * SEG_LEN)
+    task.segment_schedule = [4]
+    model = make_model(task)
+    criterion = RMTLMCriterion(task, bptt_depth_schedule="0,3")
+    sample = one_sample(4)
+    for epoch, chains in [(1, [[0], [1], [2], [3]]), (2, [[0, 1, 2, 3]]), (7, [[0, 1, 2, 3]])]:
+        reached = []
+
+        def backward(objective):
+            grad = _embedding_grad_rows(model, objective)
+            reached.append([i for i in range(4) if grad[segment_ids(i)].abs().sum() > 0])
+
+        sample["stream"] = {"epoch": epoch, "width": 4 * SEG_LEN}
+        _, _, log, _ = criterion.forward_with_state(model, sample, None, backward=backward)
+        assert reached == chains, epoch
+        assert (log["bptt_depth"], log["segments_per_sample"]) == ((0, 4) if epoch == 1 else (3, 4))
+
+
+def test_depth_schedule_needs_the_epochs_of_rmt_lm():
+    with pytest.raises(ValueError, match="--bptt-depth-schedule sets the depth per epoch of --task rmt_lm"):
+        RMTLMCriterion(make_task(), bptt_depth_schedule="0,1")
 
 
 # --------------------------------------------------------------------------- memory-only loss (ours)

@@ -104,6 +104,33 @@ def test_killed_run_resumes_exactly(tiny_data_bin, tmp_path, variant):
     assert all(torch.equal(reference_weights[k], resumed_weights[k]) for k in reference_weights)
 
 
+def test_killed_run_resumes_exactly_after_a_schedule_step(tiny_data_bin, tmp_path):
+    # --segments-per-sample-schedule 2,4 --bptt-depth-schedule 1,3: epoch 1 is 13 updates of
+    # K=2 (depth 1), epoch 2 has K=4 (depth 3); the run is killed after its save at update 15
+    extra = ["--arch", "rmt_tiny", "--num-mem-tokens", "4", "--segments-per-sample-schedule", "2,4",
+             "--bptt-depth-schedule", "1,3", "--bptt-mode", "prefix"]
+
+    def command(save_dir):
+        cmd = train_command(tiny_data_bin, save_dir, *extra)
+        del cmd[cmd.index("--segments-per-sample"):cmd.index("--segments-per-sample") + 2]
+        return cmd
+
+    reference_log = run(command(tmp_path / "reference"))
+    records = [json.loads(line[line.index("{"):]) for line in reference_log.splitlines() if "| train_inner |" in line]
+    used = {int(r["num_updates"]): (float(r["segments_per_sample"]), float(r["bptt_depth"])) for r in records}
+    assert used == {u: (2, 1) if u <= 13 else (4, 3) for u in range(1, 21)}
+    reference = per_update_losses(reference_log)
+    interrupted = command(tmp_path / "interrupted")
+    run_and_kill(interrupted, lambda line: "Saved checkpoint" in line and "@ 15 updates" in line)
+    resumed_log = run(interrupted)
+    assert "(epoch 2 @ 15 updates)" in resumed_log and "fresh memory" not in resumed_log
+    resumed = per_update_losses(resumed_log)
+    assert sorted(resumed) == list(range(16, 21))
+    assert resumed == {k: reference[k] for k in resumed}
+    reference_weights, resumed_weights = final_weights(tmp_path / "reference"), final_weights(tmp_path / "interrupted")
+    assert all(torch.equal(reference_weights[k], resumed_weights[k]) for k in reference_weights)
+
+
 def readable(path):
     # Deliberately independent of rmt_compat._readable_checkpoint, the code under test.
     try:

@@ -61,9 +61,10 @@ def data(tmp_path):
     return tmp_path, streams, d
 
 
-def make_task(data_dir, tokens_per_sample=4, segments_per_sample=1, batch_size=3, splits=("train",)):
+def make_task(data_dir, tokens_per_sample=4, segments_per_sample=1, batch_size=3, splits=("train",), schedule=None):
     cfg = RMTLMConfig(data=str(data_dir), tokens_per_sample=tokens_per_sample,
-                      segments_per_sample=segments_per_sample, batch_size=batch_size)
+                      segments_per_sample=segments_per_sample, batch_size=batch_size,
+                      segments_per_sample_schedule=schedule)
     task = RMTLMTask.setup_task(cfg)
     for split in splits:
         task.load_dataset(split)
@@ -99,7 +100,7 @@ def test_rows_continue_across_batches_and_targets_are_next_tokens(data, segments
         assert torch.equal(source_row, sources[i * stream_len:(i + 1) * stream_len])
     assert sum(b["ntokens"] for b in batches) == 3 * stream_len
     assert [b["stream"] for b in batches] == [
-        {"split": "train", "index": t, "batches": len(batches)} for t in range(len(batches))
+        {"split": "train", "index": t, "batches": len(batches), "width": width} for t in range(len(batches))
     ]
 
 
@@ -154,6 +155,27 @@ def test_colon_separated_data_dirs_are_read_one_per_epoch(data, tmp_path_factory
         batches = epoch_batches(task)
         tokens = torch.cat([row for row in rows(batches, "src_tokens")])
         assert set(tokens.tolist()) <= set(expected.tolist()) and len(set(tokens.tolist())) > 10, epoch
+
+
+def test_segments_per_sample_schedule_sets_the_width_of_each_epochs_batches(data):
+    # --segments-per-sample-schedule 1,3: epoch 1 unrolls 1 segment per row, epoch 2 on 3;
+    # validation (fairseq passes epoch 1) the first value
+    task = make_task(data[0], tokens_per_sample=4, schedule="1,3")
+    widths = {epoch: epoch_batches(task, epoch_itr=task.get_batch_iterator(task.dataset("train"), max_sentences=3,
+                                                                           epoch=epoch))[0]["target"].size(1)
+              for epoch in (1, 2, 5)}
+    assert widths == {1: 4, 2: 12, 5: 12}
+    assert epoch_batches(task)[0]["target"].size(1) == 4
+
+
+@pytest.mark.parametrize("schedule, segments, needle", [
+    ("1,x", 1, "--segments-per-sample-schedule must be comma-separated integers"),
+    ("2,0", 1, "--segments-per-sample-schedule values must be >= 1"),
+    ("1,2", 2, "--segments-per-sample-schedule replaces --segments-per-sample"),
+])
+def test_segments_per_sample_schedule_errors(data, schedule, segments, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        make_task(data[0], segments_per_sample=segments, schedule=schedule)
 
 
 def test_clear_errors(data):

@@ -1,0 +1,38 @@
+"""Curricula over segments for ``rmt_lm``: ``--segments-per-sample-schedule``, ``--bptt-depth-schedule``.
+
+The RMT follow-ups train memory on few segments first and more later. Here, as with fairseq's
+``--update-freq``, a schedule is a comma-separated list with one value per epoch, the last value
+holding from then on. It replaces the plain flag (``--segments-per-sample``, ``--bptt-depth``).
+Example, ``--segments-per-sample-schedule 1,2,4 --bptt-depth-schedule 0,1,3``, T = 128::
+
+    epoch 1:       rows of 1 x 128 tokens, memory a detached input          (K=1, depth 0)
+    epoch 2:       rows of 2 x 128, loss reaches 1 previous segment's memory  (K=2, depth 1)
+    epoch 3, 4...: rows of 4 x 128, depth 3                                   (K=4, depth 3)
+
+An epoch is fairseq's: one pass over the data, or over one directory of a colon-separated DATA,
+so shards make the steps as short as wanted. Memory starts fresh at every epoch start, so a step
+never changes the layout of a stream that is running. Values depend on the epoch alone, which
+every checkpoint holds: a resumed run uses the values the uninterrupted run would. Validation
+batches use the first K (without gradients, K changes the number of forward calls per batch,
+not the losses). Both are logged (``segments_per_sample``, ``bptt_depth``) while a schedule is set.
+"""
+
+from typing import List, Optional
+
+
+def parse_schedule(spec: Optional[str], flag: str, minimum: int) -> List[int]:
+    """The values of a schedule flag ([] when unset), with a one-line error naming ``flag``."""
+    if spec is None or str(spec).strip() == "":
+        return []
+    try:
+        values = [int(value) for value in str(spec).split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, one per epoch, got {spec!r}")
+    if min(values) < minimum:
+        raise ValueError(f"{flag} values must be >= {minimum}, got {spec!r}")
+    return values
+
+
+def at_epoch(schedule: List[int], epoch: int) -> int:
+    """The value for ``epoch`` (1-based): the epoch's own, or the last one after the list ends."""
+    return schedule[min(max(epoch, 1), len(schedule)) - 1]
