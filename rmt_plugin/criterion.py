@@ -40,6 +40,9 @@ The chain is K+k segments long, so its activations are K+k segments' (one segmen
 ``--memory-replay``). Like sliding mode it carries the last k segments and the memory each started
 with between batches.
 
+K and k can grow over training, per epoch: ``--segments-per-sample-schedule`` (task) and
+``--bptt-depth-schedule`` (here), see :mod:`rmt_plugin.epoch_schedule`.
+
 Backward, chain by chain. The schedules are sequences of *chains*: a chunk, or a segment with the
 k segments it re-runs. A chain starts from a detached memory, so chains are independent for the
 backward: in training the criterion back-propagates each chain as soon as it has run (through
