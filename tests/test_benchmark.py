@@ -26,3 +26,23 @@ def test_benchmark_prints_the_side_by_side_table(tiny_data_bin, tmp_path):
     saved = {name: float(row[-1].rstrip(" |")) for name, row in (("chunk", rmt), ("prefix", prefix))}
     assert float(prefix[0]) > 0 and saved["prefix"] > saved["chunk"] > 0, saved  # K+k segments' activations
     assert "| RMT / transformer_lm eval-lm cost per token |" in table
+
+
+def test_memory_task_benchmark_trains_every_model_and_tabulates_them(tmp_path):
+    # scripts/bench_memory_tasks.py at 2 updates: every model's command runs, the curriculum
+    # column is filled, and the test split is the task's (copy 24 -> 48 over 9 segments)
+    out = tmp_path / "table.md"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_memory_tasks.py"), "--setups", "copy-9",
+         "--models", "RMT", "Transformer-XL", "MemTr", "no memory", "--max-update", "2", "--batch-size", "4",
+         "--epoch-updates", "1", "--valid-size", "8", "--test-size", "8", "--jobs", "2", "--threads", "1",
+         "--workdir", str(tmp_path), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| copy-9")]
+    assert [row[3] for row in rows] == ["RMT", "Transformer-XL", "MemTr", "no memory"]
+    assert {row[2] for row in rows} == {"9 (8)"} and {row[5] for row in rows} <= {"4", "8"}
+    assert all(0 <= float(row[6]) <= 1 for row in rows)
+    logs = {row[3]: (tmp_path / f"copy-9-{row[3].replace(' ', '_')}.log").read_text() for row in rows}
+    assert "'memory_layout': memtr" in logs["MemTr"] and "'mem_len': 8" in logs["Transformer-XL"]
