@@ -21,6 +21,7 @@ to --out. Logs go to --workdir. Examples (the commands behind docs/memory_tasks.
 
     .venv/bin/python scripts/bench_memory_tasks.py --out /tmp/rmt_bench_memory_tasks/table.md
     .venv/bin/python scripts/bench_memory_tasks.py --setups copy-9 reverse-6 ar-4 ar-5 \\
+        --models RMT Transformer-XL MemTr "no memory" --valid-size 500 --test-size 1000 \\
         --workdir /tmp/rmt_paper_tasks --out /tmp/rmt_paper_tasks/table.md
 """
 
@@ -43,10 +44,10 @@ SETUPS = {
     "copy-4": dict(task="copy", source_len=16, copy_repeats=1, T=8, m=8, batch=64, updates=1200),
     "reverse-4": dict(task="reverse", source_len=16, T=8, m=8, batch=64, updates=1200),
     "copy-9": dict(task="copy", source_len=24, copy_repeats=2, T=8, m=8, curriculum="4,8,16,24",
-                   batch=64, updates=1500),
-    "reverse-6": dict(task="reverse", source_len=24, T=8, m=8, curriculum="4,8,16,24", batch=64, updates=1500),
-    "ar-4": dict(task="associative_retrieval", num_pairs=4, T=3, m=8, batch=64, updates=1500),
-    "ar-5": dict(task="associative_retrieval", num_pairs=4, T=2, m=8, batch=64, updates=1500),
+                   batch=32, updates=3000),
+    "reverse-6": dict(task="reverse", source_len=24, T=8, m=8, curriculum="4,8,16,24", batch=32, updates=3000),
+    "ar-4": dict(task="associative_retrieval", num_pairs=4, T=3, m=8, batch=32, updates=3000),
+    "ar-5": dict(task="associative_retrieval", num_pairs=4, T=2, m=8, batch=32, updates=3000),
     "long-copy": dict(task="copy", source_len=360, copy_repeats=1, T=120, m=60, curriculum="60,120,240,360",
                       batch=16, updates=600),
 }
@@ -58,7 +59,7 @@ def parse_args():
     parser.add_argument("--models", nargs="+", default=["RMT", "Transformer-XL", "no memory"], choices=MODELS)
     parser.add_argument("--max-update", type=int, default=None, help="updates per model (default: the setup's)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the setup's")
-    parser.add_argument("--epoch-updates", type=int, default=200,
+    parser.add_argument("--epoch-updates", type=int, default=250,
                         help="curriculum setups: updates per epoch (a validation after each)")
     parser.add_argument("--train-size", type=int, default=100000, help="setups without a curriculum: training examples")
     parser.add_argument("--valid-size", type=int, default=1000, help="validation examples")
