@@ -59,6 +59,8 @@ def parse_args():
     parser.add_argument("--models", nargs="+", default=["RMT", "Transformer-XL", "no memory"], choices=MODELS)
     parser.add_argument("--max-update", type=int, default=None, help="updates per model (default: the setup's)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the setup's")
+    parser.add_argument("--curriculum", default=None,
+                        help="source lengths to train through, replacing the setups' (e.g. 4,8,12,16,20,24)")
     parser.add_argument("--epoch-updates", type=int, default=250,
                         help="curriculum setups: updates per epoch (a validation after each)")
     parser.add_argument("--train-size", type=int, default=100000, help="setups without a curriculum: training examples")
@@ -75,6 +77,13 @@ def parse_args():
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/rmt_bench_memory_tasks"))
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     return parser.parse_args()
+
+
+def with_overrides(args, setup):
+    """The setup with --curriculum applied (setups without a curriculum keep none)."""
+    if args.curriculum and "curriculum" in setup:
+        return dict(setup, curriculum=args.curriculum)
+    return setup
 
 
 def budget(args, setup):
@@ -151,7 +160,7 @@ def final_stats(log_text, subset):
 
 
 def run(args, name, model, threads):
-    setup = SETUPS[name]
+    setup = with_overrides(args, SETUPS[name])
     log_path = args.workdir / f"{name}-{model.replace(' ', '_')}.log"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.time()
@@ -175,14 +184,16 @@ def table(args, results, threads):
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
-        setup = SETUPS[r["setup"]]
+        setup = with_overrides(args, SETUPS[r["setup"]])
         memory = {"RMT": f"{setup['m']} tokens", "MemTr": f"{setup['m']} tokens",
                   "Transformer-XL": f"cache {setup['m']}", "no memory": "none"}[r["model"]]
         reached = f"{r['reached']:.0f}" if r["reached"] is not None else "-"
         rows.append(f"| {r['setup']} | {describe(setup)} | {num_segments(setup)} ({setup['T']}) | {r['model']} | "
                     f"{memory} | {reached} | {r['exact_match']:.3f} | {r['accuracy']:.3f} | {r['minutes']:.1f} |")
     budgets = "; ".join("{}: {} updates x batch {}".format(name, *budget(args, SETUPS[name])) for name in args.setups)
-    footer = (f"\nBudget per model: {budgets}; adam lr {args.lr}, init std {args.init_std}, seed {args.seed}; "
+    curricula = "; ".join(f"{name}: {with_overrides(args, SETUPS[name])['curriculum']}" for name in args.setups
+                          if "curriculum" in SETUPS[name])
+    footer = (f"\nBudget per model: {budgets}; curriculum (source lengths) {curricula or 'none'}; adam lr {args.lr}, init std {args.init_std}, seed {args.seed}; "
               f"curriculum epochs of {args.epoch_updates} updates, valid {args.valid_size}, test {args.test_size} "
               f"examples; {args.jobs} run(s) at a time, {threads} thread(s) each, on {os.cpu_count()} CPU cores.")
     return "\n".join(rows) + "\n" + footer + "\n"
