@@ -18,8 +18,11 @@ segments per batch row), eval-lm tokens/s (fairseq-eval-lm's own ``eval_lm`` loo
 ``--eval-batches`` batches of B x T after one warm-up batch), the process's peak RSS after
 training, and the peak bytes saved for backward during the warm-up steps (the second starts from
 a carried state, as every later step does; :func:`rmt_plugin.measure.saved_tensor_peak`;
-deterministic). A second table gives those saved
-bytes for our RMT against the BPTT depth and K (one process, one batch each).
+deterministic), and the work per token (FLOPs counted by torch in one more training step and one
+more eval-lm batch, :func:`rmt_plugin.measure.flop_counter`) with the rate it ran at: the same
+GFLOP/s means the same efficiency, so a model can only be faster per token by doing less work.
+A last table gives the saved bytes for our RMT against the BPTT depth and K (one process, one
+batch each).
 
 The command behind docs/performance.md (about 15 minutes on one core)::
 
@@ -150,7 +153,7 @@ def measure(name, args):
     import torch
     from fairseq_cli.eval_lm import eval_lm
 
-    from rmt_plugin.measure import saved_tensor_peak
+    from rmt_plugin.measure import flop_counter, saved_tensor_peak
 
     cfg, task, model, criterion, optimizer = setup(args.data, train_flags(name, args))
     train = batches(cfg, task, model, "train", args.batch_size)
@@ -171,6 +174,9 @@ def measure(name, args):
         rates.append(step(update) / (time.perf_counter() - start))
     train_tps = statistics.median(rates)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with flop_counter() as counter:  # one more step, untimed: counting slows it down
+        tokens = step(args.train_steps + 2)
+    train_flops = counter.get_total_flops() / tokens
 
     model.eval()
     loader = task.eval_lm_dataloader(task.dataset("valid"), max_tokens=None, batch_size=args.batch_size,
@@ -188,8 +194,13 @@ def measure(name, args):
         start = time.perf_counter()
         eval_lm([model], task.source_dictionary, batches_of(args.eval_batches),
                 target_dictionary=task.target_dictionary)
-    eval_tps = sum(counted) / (time.perf_counter() - start)
-    return dict(train_tps=train_tps, eval_tps=eval_tps, peak_rss_mb=peak_rss_mb, saved_mb=meter["peak"] / 2 ** 20)
+        eval_tps = sum(counted) / (time.perf_counter() - start)
+        counted.clear()
+        with flop_counter() as counter:
+            eval_lm([model], task.source_dictionary, batches_of(1), target_dictionary=task.target_dictionary)
+    eval_flops = counter.get_total_flops() / sum(counted)
+    return dict(train_tps=train_tps, eval_tps=eval_tps, peak_rss_mb=peak_rss_mb, saved_mb=meter["peak"] / 2 ** 20,
+                train_gflop=train_flops / 1e9, eval_gflop=eval_flops / 1e9)
 
 
 def sweep(args):
@@ -249,6 +260,12 @@ def tables(args, results, sweep_rows):
         rel = (lambda key: f"{r[key] / ref[key]:.2f}") if ref else (lambda key: "")
         lines.append(f"| {MODELS[name]} | {r['train_tps']:.0f} | {rel('train_tps')} | {r['eval_tps']:.0f} | "
                      f"{rel('eval_tps')} | {r['peak_rss_mb']:.0f} | {r['saved_mb']:.1f} |")
+    lines += ["", "Work counted by torch's FlopCounterMode (matrix products and attention, forward and backward; "
+              "one training step, one eval-lm batch) and the rate it ran at:", "",
+              "| | train MFLOP per token | train GFLOP/s | eval-lm MFLOP per token | eval-lm GFLOP/s |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {MODELS[name]} | {r['train_gflop'] * 1e3:.4g} | {r['train_gflop'] * r['train_tps']:.1f} | "
+              f"{r['eval_gflop'] * 1e3:.4g} | {r['eval_gflop'] * r['eval_tps']:.1f} |" for name, r in med.items()]
     cost = {name: 1 / r["train_tps"] for name, r in med.items()}
     goals = []
     if {"rmt_chunk", "baseline"} <= cost.keys():

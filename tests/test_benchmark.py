@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from rmt_plugin.measure import flop_counter
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -18,7 +22,8 @@ def test_benchmark_prints_the_side_by_side_table(tiny_data_bin, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = out.read_text()
-    rows = {line.split(" | ")[0]: line.split(" | ")[1:] for line in table.splitlines() if line.startswith("| ")}
+    blocks = [block for block in table.split("\n\n") if block.startswith("| |")]
+    rows, work = (table_rows(block) for block in blocks[:2])  # speed and memory; counted work
     assert rows["| fairseq transformer_lm"][1] == "1.00"
     rmt = rows["| ours, RMT m, chunk, depth 1"]
     assert float(rmt[0]) > 0 and float(rmt[2]) > 0  # train and eval-lm tokens/s
@@ -26,6 +31,24 @@ def test_benchmark_prints_the_side_by_side_table(tiny_data_bin, tmp_path):
     saved = {name: float(row[-1].rstrip(" |")) for name, row in (("chunk", rmt), ("prefix", prefix))}
     assert float(prefix[0]) > 0 and saved["prefix"] > saved["chunk"] > 0, saved  # K+k segments' activations
     assert "| RMT / transformer_lm eval-lm cost per token |" in table
+    for name, row in work.items():  # GFLOP per token: a training step is a forward and a backward
+        train_gflop, eval_gflop = float(row[0]), float(row[2])
+        assert train_gflop > 2 * eval_gflop > 0, (name, row)
+    assert float(work["| ours, RMT m, prefix, depth 3"][0]) > float(work["| ours, RMT m, chunk, depth 1"][0])
+
+
+def table_rows(block):
+    """A markdown table's body: first cell -> the other cells."""
+    return {line.split(" | ")[0]: line.split(" | ")[1:] for line in block.splitlines()[2:]}
+
+
+def test_flop_counter_counts_the_cpu_fused_attention():
+    # torch has no FLOP formula for SDPA's CPU flash kernel (evaluation, and training without a
+    # mask gradient): rmt_plugin.measure.flop_counter adds torch's own SDPA formulas for it
+    q, k, v = torch.ones(1, 2, 8, 4), torch.ones(1, 2, 12, 4), torch.ones(1, 2, 12, 4)
+    with torch.no_grad(), flop_counter() as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(8, 12))
+    assert counter.get_total_flops() == 2 * (2 * 2 * 8 * 12 * 4)  # scores and weighted values
 
 
 def test_memory_task_benchmark_trains_every_model_and_tabulates_them(tmp_path):
