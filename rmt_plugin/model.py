@@ -458,9 +458,10 @@ class RelMultiheadAttention(nn.Module):
         w_q, w_kv = self.qkv_net.weight.split([inner, 2 * inner])
         q = self._heads(F.linear(h, w_q))
         k, v = (self._heads(t) for t in F.linear(keys_in, w_kv).chunk(2, dim=-1))
-        r_k = self.r_net(pos_emb).view(-1, self.n_head, self.d_head).transpose(0, 1)
+        # scaled here, on [H, n, Dh], rather than the [B, H, Q, K] scores: the same product, less work
+        r_k = (self.r_net(pos_emb) * self.scale).view(-1, self.n_head, self.d_head).transpose(0, 1)
         position = relative_scores(q + self.r_r_bias.unsqueeze(1), r_k, keys_in.size(1), max_distance, cache_shift)
-        attn_bias = position * self.scale + bias
+        attn_bias = position + bias
         out = F.scaled_dot_product_attention(
             q + self.r_w_bias.unsqueeze(1), k, v, attn_mask=attn_bias.to(q.dtype),
             dropout_p=self.dropatt if self.training else 0.0, scale=self.scale,
