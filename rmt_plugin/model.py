@@ -476,7 +476,7 @@ class RelDecoderLayer(nn.Module):
         self.attn = RelMultiheadAttention(cfg)
         self.attn_norm = nn.LayerNorm(cfg.d_model)
         self.ff = nn.Sequential(
-            nn.Linear(cfg.d_model, cfg.d_inner), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.d_model, cfg.d_inner), nn.ReLU(), nn.Dropout(cfg.dropout),
             nn.Linear(cfg.d_inner, cfg.d_model), nn.Dropout(cfg.dropout),
         )
         for lin in (self.ff[0], self.ff[3]):
