@@ -30,6 +30,8 @@ The command behind docs/performance.md (about 15 minutes on one core)::
 
 ``--data`` is a byte-level data-bin (``rmt-prepare-wikitext --level byte``). ``--out FILE`` also
 writes the tables there; ``--tiny --repeats 1`` is a quick smoke run (2 layers, d_model 32).
+``--profile`` prints instead where one training step of each of ``--models`` spends its time, by
+torch op (torch.profiler's table, one process per model).
 """
 
 import argparse
@@ -75,6 +77,9 @@ def parse_args():
     parser.add_argument("--num-mem-tokens", type=int, default=16, help="RMT memory size m")
     parser.add_argument("--tiny", action="store_true", help="2 layers, d_model 32, T 16 (smoke test)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the memory against depth and K table")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the tables: where one training step of each model spends its time, "
+                             "by torch op (torch.profiler)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -149,14 +154,9 @@ def batches(cfg, task, model, split, batch_size):
     ).next_epoch_itr(shuffle=False)
 
 
-def measure(name, args):
-    import torch
-    from fairseq_cli.eval_lm import eval_lm
-
-    from rmt_plugin.measure import flop_counter, saved_tensor_peak
-
-    cfg, task, model, criterion, optimizer = setup(args.data, train_flags(name, args))
-    train = batches(cfg, task, model, "train", args.batch_size)
+def training_step(cfg, task, model, criterion, optimizer, batch_size):
+    """``step(update)``: one training step on the next batch, as fairseq-train runs it; its tokens."""
+    train = batches(cfg, task, model, "train", batch_size)
 
     def step(update):
         sample = next(train)
@@ -165,6 +165,30 @@ def measure(name, args):
         optimizer.zero_grad()
         return sample["ntokens"]
 
+    return step
+
+
+def profile_step(name, args):
+    """torch.profiler's table of one training step (after two warm-up steps), by op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg, task, model, criterion, optimizer = setup(args.data, train_flags(name, args))
+    step = training_step(cfg, task, model, criterion, optimizer, args.batch_size)
+    step(0)
+    step(1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        tokens = step(2)
+    return dict(tokens=tokens, table=prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def measure(name, args):
+    import torch
+    from fairseq_cli.eval_lm import eval_lm
+
+    from rmt_plugin.measure import flop_counter, saved_tensor_peak
+
+    cfg, task, model, criterion, optimizer = setup(args.data, train_flags(name, args))
+    step = training_step(cfg, task, model, criterion, optimizer, args.batch_size)
     with saved_tensor_peak() as meter:  # two warm-up steps: the second starts from carried state
         step(0)                        # (sliding's history, prefix's re-run segments), as all later do
         step(1)
@@ -296,7 +320,12 @@ def main():
     args = parse_args()
     args.data = os.path.abspath(args.data)
     if args.worker:
-        print(json.dumps(measure(args.worker, args)))
+        print(json.dumps((profile_step if args.profile else measure)(args.worker, args)))
+        return
+    if args.profile:
+        for name in args.models:
+            result = run_worker(args, "--worker", name, "--profile")
+            print(f"### {MODELS[name]}: one training step of {result['tokens']} tokens\n\n{result['table']}")
         return
     if args.sweep:
         print(json.dumps(sweep(args)))

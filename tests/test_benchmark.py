@@ -37,6 +37,18 @@ def test_benchmark_prints_the_side_by_side_table(tiny_data_bin, tmp_path):
     assert float(work["| ours, RMT m, prefix, depth 3"][0]) > float(work["| ours, RMT m, chunk, depth 1"][0])
 
 
+def test_benchmark_profiles_a_training_step(tiny_data_bin):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--data", str(tiny_data_bin), "--tiny",
+         "--batch-size", "2", "--segments-per-sample", "2", "--tokens-per-sample", "8",
+         "--models", "transformer_xl", "--profile"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "### ours, Transformer-XL, mem T: one training step of 32 tokens" in proc.stdout  # 2 rows x 2 x 8
+    assert "aten::mm" in proc.stdout and "Self CPU time total" in proc.stdout
+
+
 def table_rows(block):
     """A markdown table's body: first cell -> the other cells."""
     return {line.split(" | ")[0]: line.split(" | ")[1:] for line in block.splitlines()[2:]}
