@@ -10,7 +10,7 @@ from fairseq.data import Dictionary
 
 from rmt_plugin.criterion import CarriedState, RMTLMCriterion
 from rmt_plugin.model import (RMTConfig, RMTLanguageModel, RMTState, allowed_attention, build_attention_plan,
-                              relative_scores, sinusoid)
+                              last_layer_first_row, relative_scores, sinusoid)
 
 SEG_LEN = 3
 
@@ -104,6 +104,8 @@ def test_same_length_gives_every_segment_token_mem_len_keys():
     (3, 2, 2, "memtr", False, False, 2, 0), (3, 4, 2, "rmt", False, True, 3, 0),
     # --cache-distance stream: cached keys 2 (= m) positions later, as if the read block were not there
     (3, 4, 2, "rmt", True, False, -1, 2), (3, 4, 2, "rmt", False, True, 3, 2), (3, 2, 2, "memtr", False, False, -1, 2),
+    # eval-lm's short last segment under a long cache: no allowed pair is as far as the last layer's first row
+    (1, 6, 2, "rmt", False, False, -1, 2),
     (5, 3, 4, "rmt", False, False, -1, 4),
 ])
 def test_relative_scores_are_those_of_each_allowed_pairs_distance(seg_len, cache_len, m, layout, mem_attend_cache,
@@ -116,13 +118,17 @@ def test_relative_scores_are_those_of_each_allowed_pairs_distance(seg_len, cache
     torch.manual_seed(0)
     q_r, r_net = torch.randn(2, 3, q_len, 4, dtype=torch.float64), torch.randn(8, 3 * 4, dtype=torch.float64)
     r_k = (plan.pos_emb.double() @ r_net).view(-1, 3, 4).transpose(0, 1)
-    scores = relative_scores(q_r, r_k, k_len, plan.max_distance, plan.cache_shift)
+    scores = relative_scores(q_r, r_k, k_len, plan.max_distance, cache_len, plan.cache_shift)
     key_position = torch.tensor([j + cache_shift if j < cache_len else j for j in range(k_len)])
     distance = torch.arange(q_len)[:, None] + (k_len - q_len) - key_position[None, :]
     clamped = distance.clamp(-clamp_len, clamp_len) if clamp_len > 0 else distance
     r_pair = (sinusoid(clamped.flatten(), 8).double() @ r_net).view(q_len, k_len, 3, 4)
     by_pair = torch.einsum("bhid,ijhd->bhij", q_r, r_pair)
     torch.testing.assert_close(scores[..., allowed], by_pair[..., allowed])
+    # the last layer's queries: the rows from last_layer_first_row on (the last of the keys)
+    first = last_layer_first_row(m, layout)
+    last_rows = relative_scores(q_r[:, :, first:], r_k, k_len, plan.max_distance, cache_len, plan.cache_shift)
+    torch.testing.assert_close(last_rows[..., allowed[first:]], by_pair[:, :, first:][..., allowed[first:]])
     # only the distances allowed pairs have (and one more without memory, for a view that never overlaps)
     used = distance[allowed]
     needed = int(used.max() - used.min()) + 1
@@ -641,3 +647,51 @@ def test_a_checkpoint_saved_before_a_field_existed_loads_with_the_old_behaviour(
     OmegaConf.set_struct(cfg, True)  # fairseq loads checkpoint configs in struct mode
     model = RMTLanguageModel.build_model(cfg, make_task())
     assert getattr(model.decoder.cfg, field) == behaviour_then
+
+
+@pytest.mark.parametrize("pre_lnorm", [False, True])
+@pytest.mark.parametrize("num_mem_tokens, mem_len, layout, rows", [
+    (2, 0, "rmt", SEG_LEN + 2), (2, 3, "rmt", SEG_LEN + 2), (2, 0, "memtr", SEG_LEN + 2), (0, 3, "rmt", SEG_LEN),
+])
+def test_last_layer_skips_the_read_block_and_changes_no_output_or_gradient(monkeypatch, num_mem_tokens, mem_len,
+                                                                             layout, rows, pre_lnorm):
+    """The last layer computes only the rows something reads (segment and write block; every row
+    with memtr, whose memory rows are the next memory), and the outputs, the next memory, the
+    cache and the gradients are those of computing every row (float64)."""
+    import rmt_plugin.model as model_module
+
+    task = make_task()
+    torch.manual_seed(0)
+    cfg = RMTConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.0, num_mem_tokens=num_mem_tokens,
+                    mem_len=mem_len, memory_layout=layout, pre_lnorm=pre_lnorm)
+    model = RMTLanguageModel.build_model(cfg, task).double()
+    tokens = torch.randint(4, 40, (3, SEG_LEN))
+    state = RMTState(torch.randn(3, num_mem_tokens, 16, dtype=torch.double) if num_mem_tokens else None,
+                     [torch.randn(3, mem_len, 16, dtype=torch.double)] * 2 if mem_len else None)
+
+    def run():
+        model.zero_grad()
+        query_rows = []
+        hook = model.decoder.layers[-1].attn.register_forward_hook(lambda mod, args, out: query_rows.append(out.size(1)))
+        logits, extra = model(tokens, state=state)
+        hook.remove()
+        next_state = extra["state"]
+        loss = logits.sum() + (next_state.memory.square().sum() if num_mem_tokens else 0)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return logits, next_state, grads, query_rows
+
+    logits, next_state, grads, query_rows = run()
+    assert query_rows == [rows]
+    model.decoder._plans.clear()
+    monkeypatch.setattr(model_module, "last_layer_first_row", lambda m, layout: 0)
+    every_logits, every_state, every_grads, every_rows = run()
+    assert every_rows == [SEG_LEN + (2 * num_mem_tokens if layout == "rmt" else num_mem_tokens)]
+    torch.testing.assert_close(logits, every_logits, rtol=1e-12, atol=1e-12)
+    if num_mem_tokens:
+        torch.testing.assert_close(next_state.memory, every_state.memory, rtol=1e-12, atol=1e-12)
+    for cached, every_cached in zip(next_state.cache or [], every_state.cache or []):
+        torch.testing.assert_close(cached, every_cached, rtol=0, atol=0)
+    assert grads.keys() == every_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], every_grads[name], rtol=1e-10, atol=1e-12, msg=name)
