@@ -29,9 +29,16 @@ The command behind docs/performance.md (about 15 minutes on one core)::
     OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python scripts/benchmark.py --data data-bin/wikitext-2-bytes
 
 ``--data`` is a byte-level data-bin (``rmt-prepare-wikitext --level byte``). ``--out FILE`` also
-writes the tables there; ``--tiny --repeats 1`` is a quick smoke run (2 layers, d_model 32).
+writes the tables there; ``--size tiny --repeats 1`` is a quick smoke run (2 layers, d_model 32).
 ``--profile`` prints instead where one training step of each of ``--models`` spends its time, by
 torch op (torch.profiler's table, one process per model).
+
+On a GPU (``--device cuda``; ``scripts/gpu_benchmark.sh`` is the whole prepared run): ``--bf16``
+is fairseq's ``--bf16`` (bf16 weights and activations, fp32 master weights in fairseq's
+FP16Optimizer), ``--size enwik8_base`` the paper's enwik8 backbone, time is read after
+``torch.cuda.synchronize()``, and peak memory is the CUDA allocator's. Every run also measures the
+device's matrix-product rate (one large product in the benchmark's precision, as KINDS.md's
+ceiling) and gives each model's model-FLOPs utilisation (MFU) against it.
 """
 
 import argparse
@@ -75,18 +82,32 @@ def parse_args():
     parser.add_argument("--segments-per-sample", type=int, default=4, help="K, our models' segments per batch row")
     parser.add_argument("--batch-size", type=int, default=8, help="B streams (rows)")
     parser.add_argument("--num-mem-tokens", type=int, default=16, help="RMT memory size m")
-    parser.add_argument("--tiny", action="store_true", help="2 layers, d_model 32, T 16 (smoke test)")
+    parser.add_argument("--size", choices=["small", "tiny", "enwik8_base"], default="small",
+                        help="small: 4 layers, d_model 256 (the CPU tables); tiny: 2 layers, d_model 32 (smoke "
+                             "test); enwik8_base: the paper's enwik8 backbone, 12 layers, d_model 512")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="fairseq's --bf16 (needs --device cuda)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the memory against depth and K table")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the tables: where one training step of each model spends its time, "
                              "by torch op (torch.profiler)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    parser.add_argument("--ceiling", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bf16 and args.device != "cuda":
+        parser.error("--bf16 needs --device cuda (the CPU tables are fp32)")
+    return args
 
 
 def size(args):
-    if args.tiny:
+    if args.size == "enwik8_base":
+        from rmt_plugin.model import PAPER_BACKBONES
+
+        paper = PAPER_BACKBONES["enwik8_base"]
+        return dict(layers=paper["n_layer"], d_model=paper["d_model"], heads=paper["n_head"], d_head=paper["d_head"],
+                    d_inner=paper["d_inner"])
+    if args.size == "tiny":
         return dict(layers=2, d_model=32, heads=2, d_head=16, d_inner=64)
     return dict(layers=4, d_model=256, heads=4, d_head=64, d_inner=1024)
 
@@ -94,8 +115,9 @@ def size(args):
 def train_flags(name, args):
     """fairseq-train flags (after the data directory) of model ``name``."""
     s, T, m = size(args), args.tokens_per_sample, args.num_mem_tokens
-    common = ["--optimizer", "adam", "--lr", "1e-4", "--batch-size", str(args.batch_size), "--cpu",
-              "--num-workers", "0", "--seed", "1", "--dropout", "0.1", "--tokens-per-sample", str(T)]
+    common = ["--optimizer", "adam", "--lr", "1e-4", "--batch-size", str(args.batch_size), "--num-workers", "0",
+              "--seed", "1", "--dropout", "0.1", "--tokens-per-sample", str(T),
+              *(["--cpu"] if args.device == "cpu" else []), *(["--bf16"] if args.bf16 else [])]
     if name == "transformer_lm":
         return common + ["--task", "language_modeling", "--sample-break-mode", "none", "--arch", "transformer_lm",
                          "--decoder-layers", str(s["layers"]), "--decoder-embed-dim", str(s["d_model"]),
@@ -128,8 +150,10 @@ def train_flags(name, args):
 
 
 # ----------------------------------------------------------------------------- one process per measurement
-def setup(data, flags):
-    """fairseq's task, model, criterion and optimizer for ``flags``, as fairseq-train builds them."""
+def setup(data, flags, device="cpu"):
+    """fairseq's task, model, criterion and optimizer for ``flags``, as fairseq-train builds them
+    (its Trainer: the model in bf16 under ``--bf16``, then on ``device``; FP16Optimizer for bf16)."""
+    import torch
     from fairseq import options, optim, tasks, utils
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
@@ -139,8 +163,13 @@ def setup(data, flags):
     for split in ("train", "valid"):
         task.load_dataset(split)
     model = task.build_model(cfg.model)
+    if cfg.common.bf16:
+        model = model.to(dtype=torch.bfloat16)
+    model = model.to(device)
     criterion = task.build_criterion(cfg.criterion)
-    optimizer = optim.build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (optim.FP16Optimizer.build_optimizer(cfg, params) if cfg.common.bf16
+                 else optim.build_optimizer(cfg.optimizer, params))
     return cfg, task, model, criterion, optimizer
 
 
@@ -154,15 +183,23 @@ def batches(cfg, task, model, split, batch_size):
     ).next_epoch_itr(shuffle=False)
 
 
-def training_step(cfg, task, model, criterion, optimizer, batch_size):
-    """``step(update)``: one training step on the next batch, as fairseq-train runs it; its tokens."""
+def training_step(cfg, task, model, criterion, optimizer, batch_size, device="cpu"):
+    """``step(update)``: one training step on the next batch, as fairseq-train runs it; its tokens
+    (on a GPU, once the device has finished the step)."""
+    import torch
+    from fairseq import utils
+
     train = batches(cfg, task, model, "train", batch_size)
 
     def step(update):
         sample = next(train)
+        if device == "cuda":
+            sample = utils.move_to_cuda(sample)
         task.train_step(sample, model, criterion, optimizer, update)
         optimizer.step()
         optimizer.zero_grad()
+        if device == "cuda":
+            torch.cuda.synchronize()
         return sample["ntokens"]
 
     return step
@@ -172,8 +209,8 @@ def profile_step(name, args):
     """torch.profiler's table of one training step (after two warm-up steps), by op."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg, task, model, criterion, optimizer = setup(args.data, train_flags(name, args))
-    step = training_step(cfg, task, model, criterion, optimizer, args.batch_size)
+    cfg, task, model, criterion, optimizer = setup(args.data, train_flags(name, args), args.device)
+    step = training_step(cfg, task, model, criterion, optimizer, args.batch_size, args.device)
     step(0)
     step(1)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -187,8 +224,11 @@ def measure(name, args):
 
     from rmt_plugin.measure import flop_counter, saved_tensor_peak
 
-    cfg, task, model, criterion, optimizer = setup(args.data, train_flags(name, args))
-    step = training_step(cfg, task, model, criterion, optimizer, args.batch_size)
+    cuda = args.device == "cuda"
+    cfg, task, model, criterion, optimizer = setup(args.data, train_flags(name, args), args.device)
+    step = training_step(cfg, task, model, criterion, optimizer, args.batch_size, args.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     with saved_tensor_peak() as meter:  # two warm-up steps: the second starts from carried state
         step(0)                        # (sliding's history, prefix's re-run segments), as all later do
         step(1)
@@ -197,7 +237,8 @@ def measure(name, args):
         start = time.perf_counter()
         rates.append(step(update) / (time.perf_counter() - start))
     train_tps = statistics.median(rates)
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = (torch.cuda.max_memory_allocated() / 2 ** 20 if cuda
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     with flop_counter() as counter:  # one more step, untimed: counting slows it down
         tokens = step(args.train_steps + 2)
     train_flops = counter.get_total_flops() / tokens
@@ -218,26 +259,33 @@ def measure(name, args):
         start = time.perf_counter()
         eval_lm([model], task.source_dictionary, batches_of(args.eval_batches),
                 target_dictionary=task.target_dictionary)
+        if cuda:
+            torch.cuda.synchronize()
         eval_tps = sum(counted) / (time.perf_counter() - start)
         counted.clear()
         with flop_counter() as counter:
             eval_lm([model], task.source_dictionary, batches_of(1), target_dictionary=task.target_dictionary)
     eval_flops = counter.get_total_flops() / sum(counted)
-    return dict(train_tps=train_tps, eval_tps=eval_tps, peak_rss_mb=peak_rss_mb, saved_mb=meter["peak"] / 2 ** 20,
+    return dict(train_tps=train_tps, eval_tps=eval_tps, peak_mb=peak_mb, saved_mb=meter["peak"] / 2 ** 20,
                 train_gflop=train_flops / 1e9, eval_gflop=eval_flops / 1e9)
 
 
 def sweep(args):
-    """Peak bytes saved for backward by one RMT training batch, against the depth and K."""
+    """Peak bytes saved for backward by one RMT training batch, against the depth and K (on a GPU
+    also the allocator's peak over the batch, model and optimizer state included)."""
     import torch
+    from fairseq import utils
 
     from rmt_plugin.criterion import RMTLMCriterion
     from rmt_plugin.measure import saved_tensor_peak
 
     k_max = 5
+    cuda = args.device == "cuda"
     sweep_args = argparse.Namespace(**{**vars(args), "segments_per_sample": k_max})
-    cfg, task, model, _, _ = setup(args.data, train_flags("rmt_chunk", sweep_args))
+    cfg, task, model, _, _ = setup(args.data, train_flags("rmt_chunk", sweep_args), args.device)
     sample = next(batches(cfg, task, model, "train", args.batch_size))
+    if cuda:
+        sample = utils.move_to_cuda(sample)
     model.train()
     rows = []
     runs = [(k, 0) for k in range(1, k_max)] + [(k_max, depth) for depth in range(5)]
@@ -249,15 +297,41 @@ def sweep(args):
                                      ("chunk_replay", "chunk", True), ("sliding_replay", "sliding", True)):
             criterion = RMTLMCriterion(task, bptt_depth=depth, bptt_mode=mode, memory_replay=replay)
             torch.manual_seed(0)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             with saved_tensor_peak() as meter:
                 if column == "one_backward":  # as before per-chain backwards: the whole batch's graph
                     criterion.forward_with_state(model, batch, None)[0].backward()
                 else:
                     criterion.forward_with_state(model, batch, None, backward=lambda objective: objective.backward())
-            model.zero_grad()
+            model.zero_grad(set_to_none=True)
             row[column] = meter["peak"] / 2 ** 20
+            if cuda:
+                row[column + "_gpu"] = torch.cuda.max_memory_allocated() / 2 ** 20
         rows.append(row)
     return rows
+
+
+def ceiling(args):
+    """The device's matrix-product rate (FLOP/s) in the benchmark's precision: the median of 10
+    products of two random n x n matrices after 3 warm-ups (n = 8192 on a GPU, 1024 on the CPU)."""
+    import torch
+
+    cuda = args.device == "cuda"
+    n = 8192 if cuda else 1024
+    a, b = (torch.randn(n, n, device=args.device, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+            for _ in range(2))
+    times = []
+    for i in range(13):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -265,31 +339,40 @@ def run_worker(args, *extra):
     cmd = [sys.executable, __file__, "--data", args.data, "--repeats", "1", "--train-steps", str(args.train_steps),
            "--eval-batches", str(args.eval_batches), "--tokens-per-sample", str(args.tokens_per_sample),
            "--segments-per-sample", str(args.segments_per_sample), "--batch-size", str(args.batch_size),
-           "--num-mem-tokens", str(args.num_mem_tokens), *(["--tiny"] if args.tiny else []), *extra]
+           "--num-mem-tokens", str(args.num_mem_tokens), "--size", args.size, "--device", args.device,
+           *(["--bf16"] if args.bf16 else []), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(extra)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def tables(args, results, sweep_rows):
+def tables(args, results, sweep_rows, peak_flops):
     med = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in results.items()}
     T, m = args.tokens_per_sample, args.num_mem_tokens
+    cuda = args.device == "cuda"
+    precision = "bf16" if args.bf16 else "fp32"
     lines = [f"T = {T}, B = {args.batch_size}, K = {args.segments_per_sample} (ours), m = {m}, "
-             f"{size(args)}; medians of {args.repeats} interleaved runs", "",
-             "| | train tokens/s | × transformer_lm | eval-lm tokens/s | × transformer_lm | peak RSS MB "
-             "| saved for backward MB |", "|---|---|---|---|---|---|---|"]
+             f"{size(args)}, {args.device}, {precision}; medians of {args.repeats} interleaved runs; "
+             f"matrix-product rate measured: {peak_flops / 1e9:.1f} GFLOP/s", "",
+             "| | train tokens/s | × transformer_lm | eval-lm tokens/s | × transformer_lm | "
+             f"{'peak allocated GPU MB' if cuda else 'peak RSS MB'} | saved for backward MB |",
+             "|---|---|---|---|---|---|---|"]
     ref = med.get("transformer_lm")
     for name, r in med.items():
         rel = (lambda key: f"{r[key] / ref[key]:.2f}") if ref else (lambda key: "")
         lines.append(f"| {MODELS[name]} | {r['train_tps']:.0f} | {rel('train_tps')} | {r['eval_tps']:.0f} | "
-                     f"{rel('eval_tps')} | {r['peak_rss_mb']:.0f} | {r['saved_mb']:.1f} |")
+                     f"{rel('eval_tps')} | {r['peak_mb']:.0f} | {r['saved_mb']:.1f} |")
     lines += ["", "Work counted by torch's FlopCounterMode (matrix products and attention, forward and backward; "
-              "one training step, one eval-lm batch) and the rate it ran at:", "",
-              "| | train MFLOP per token | train GFLOP/s | eval-lm MFLOP per token | eval-lm GFLOP/s |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {MODELS[name]} | {r['train_gflop'] * 1e3:.4g} | {r['train_gflop'] * r['train_tps']:.1f} | "
-              f"{r['eval_gflop'] * 1e3:.4g} | {r['eval_gflop'] * r['eval_tps']:.1f} |" for name, r in med.items()]
+              "one training step, one eval-lm batch), the rate it ran at, and that rate as a share of the "
+              "measured matrix-product rate (MFU):", "",
+              "| | train MFLOP per token | train GFLOP/s | train MFU | eval-lm MFLOP per token | eval-lm GFLOP/s "
+              "| eval-lm MFU |", "|---|---|---|---|---|---|---|"]
+    for name, r in med.items():
+        train_rate, eval_rate = r["train_gflop"] * r["train_tps"], r["eval_gflop"] * r["eval_tps"]
+        lines.append(f"| {MODELS[name]} | {r['train_gflop'] * 1e3:.4g} | {train_rate:.1f} | "
+                     f"{train_rate * 1e9 / peak_flops:.1%} | {r['eval_gflop'] * 1e3:.4g} | {eval_rate:.1f} | "
+                     f"{eval_rate * 1e9 / peak_flops:.1%} |")
     cost = {name: 1 / r["train_tps"] for name, r in med.items()}
     goals = []
     if {"rmt_chunk", "baseline"} <= cost.keys():
@@ -313,6 +396,13 @@ def tables(args, results, sweep_rows):
                   "chunk, --memory-replay | sliding, --memory-replay |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['K']} | {r['depth']} | {r['one_backward']:.1f} | {r['chunk']:.1f} | {r['chunk_replay']:.1f} "
                   f"| {r['sliding_replay']:.1f} |" for r in sweep_rows]
+        if cuda:
+            lines += ["", "The CUDA allocator's peak (MB) over the same batches (weights, gradients and optimizer "
+                      "state included):", "", "| K | depth | chunk, one backward per batch (before) | chunk, "
+                      "backward per chain | chunk, --memory-replay | sliding, --memory-replay |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {r['K']} | {r['depth']} | {r['one_backward_gpu']:.1f} | {r['chunk_gpu']:.1f} | "
+                      f"{r['chunk_replay_gpu']:.1f} | {r['sliding_replay_gpu']:.1f} |" for r in sweep_rows]
     return "\n".join(lines)
 
 
@@ -327,19 +417,36 @@ def main():
             result = run_worker(args, "--worker", name, "--profile")
             print(f"### {MODELS[name]}: one training step of {result['tokens']} tokens\n\n{result['table']}")
         return
-    if args.sweep:
-        print(json.dumps(sweep(args)))
+    if args.sweep or args.ceiling:
+        print(json.dumps(sweep(args) if args.sweep else ceiling(args)))
         return
-    results = {name: [] for name in args.models}
+    peak_flops = run_worker(args, "--ceiling")
+    # A model that fails (on a GPU run there is one try) is named in the output, the others measured.
+    results, failed = {name: [] for name in args.models}, {}
     for repeat in range(args.repeats):
         for name in args.models:
-            results[name].append(run_worker(args, "--worker", name))
+            if name in failed:
+                continue
+            try:
+                results[name].append(run_worker(args, "--worker", name))
+            except RuntimeError as error:
+                failed[name] = str(error).strip().splitlines()[-1]
+                print(error, file=sys.stderr, flush=True)
+                continue
             print(f"repeat {repeat + 1}: {name} {results[name][-1]}", file=sys.stderr, flush=True)
-    sweep_rows = None if args.no_sweep else run_worker(args, "--sweep")
-    table = tables(args, results, sweep_rows)
+    try:
+        sweep_rows = None if args.no_sweep else run_worker(args, "--sweep")
+    except RuntimeError as error:
+        sweep_rows, failed["sweep"] = None, str(error).strip().splitlines()[-1]
+        print(error, file=sys.stderr, flush=True)
+    table = tables(args, {name: runs for name, runs in results.items() if runs}, sweep_rows, peak_flops)
+    if failed:
+        table += "\n\nFailed:\n" + "\n".join(f"- {MODELS.get(name, name)}: {error}" for name, error in failed.items())
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_benchmark_prints_the_side_by_side_table(tiny_data_bin, tmp_path):
     out = tmp_path / "table.md"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--data", str(tiny_data_bin), "--tiny",
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--data", str(tiny_data_bin), "--size", "tiny",
          "--repeats", "1", "--train-steps", "1", "--eval-batches", "1", "--batch-size", "2",
          "--segments-per-sample", "2", "--tokens-per-sample", "8", "--num-mem-tokens", "2",
          "--models", "transformer_lm", "rmt_chunk", "rmt_prefix", "--no-sweep", "--out", str(out)],
@@ -32,14 +32,42 @@ def test_benchmark_prints_the_side_by_side_table(tiny_data_bin, tmp_path):
     assert float(prefix[0]) > 0 and saved["prefix"] > saved["chunk"] > 0, saved  # K+k segments' activations
     assert "| RMT / transformer_lm eval-lm cost per token |" in table
     for name, row in work.items():  # GFLOP per token: a training step is a forward and a backward
-        train_gflop, eval_gflop = float(row[0]), float(row[2])
+        train_gflop, eval_gflop = float(row[0]), float(row[3])
         assert train_gflop > 2 * eval_gflop > 0, (name, row)
+        # MFU: the counted rate over the measured matrix-product rate
+        peak = float(table.split("matrix-product rate measured: ")[1].split(" GFLOP/s")[0])
+        for rate, mfu in ((row[1], row[2]), (row[4], row[5].rstrip(" |"))):
+            assert abs(float(mfu.rstrip("%")) - 100 * float(rate) / peak) < 0.1, (name, row, peak)
     assert float(work["| ours, RMT m, prefix, depth 3"][0]) > float(work["| ours, RMT m, chunk, depth 1"][0])
+
+
+def test_benchmark_names_the_models_that_failed_and_exits_1(tiny_data_bin, tmp_path):
+    # a data-bin without its valid split: every model fails, and the table says so for each
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_bin, data, ignore=shutil.ignore_patterns("valid.*"))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--data", str(data), "--size", "tiny",
+         "--repeats", "2", "--batch-size", "2", "--segments-per-sample", "2", "--tokens-per-sample", "8",
+         "--models", "transformer_lm", "rmt_chunk", "--no-sweep"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    failed = proc.stdout.split("Failed:\n")[1].splitlines()
+    assert [line.split(":")[0] for line in failed] == ["- fairseq transformer_lm", "- ours, RMT m, chunk, depth 1"]
+    assert proc.stderr.count("--worker transformer_lm failed") == 1  # not retried in the second repeat
+
+
+def test_benchmark_bf16_needs_a_gpu(tiny_data_bin):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--data", str(tiny_data_bin),
+                           "--bf16"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--bf16 needs --device cuda" in proc.stderr.splitlines()[-1]
 
 
 def test_benchmark_profiles_a_training_step(tiny_data_bin):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--data", str(tiny_data_bin), "--tiny",
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--data", str(tiny_data_bin), "--size", "tiny",
          "--batch-size", "2", "--segments-per-sample", "2", "--tokens-per-sample", "8",
          "--models", "transformer_xl", "--profile"],
         capture_output=True, text=True, timeout=300,
