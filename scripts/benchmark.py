@@ -206,16 +206,41 @@ def training_step(cfg, task, model, criterion, optimizer, batch_size, device="cp
 
 
 def profile_step(name, args):
-    """torch.profiler's table of one training step (after two warm-up steps), by op."""
+    """torch.profiler's table of one training step (after two warm-up steps), by op, and its
+    matrix products by operand shapes with the rate each ran at."""
     from torch.profiler import ProfilerActivity, profile
 
     cfg, task, model, criterion, optimizer = setup(args.data, train_flags(name, args), args.device)
     step = training_step(cfg, task, model, criterion, optimizer, args.batch_size, args.device)
     step(0)
     step(1)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         tokens = step(2)
-    return dict(tokens=tokens, table=prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    return dict(tokens=tokens, table=prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15),
+                products=matrix_products(prof))
+
+
+def matrix_products(prof, rows=12):
+    """The profiled step's matrix products (``mm``, ``addmm``, ``bmm``) by operand shapes: total
+    time, calls and GFLOP/s, the slowest first, as a markdown table."""
+    found = []
+    for event in prof.key_averages(group_by_input_shape=True):
+        shapes = event.input_shapes
+        if event.key in ("aten::mm", "aten::bmm"):
+            a, b = shapes[0], shapes[1]
+        elif event.key == "aten::addmm":
+            a, b = shapes[1], shapes[2]
+        else:
+            continue
+        flops = 2 * b[-1] * (a[0] * a[1] * a[2] if event.key == "aten::bmm" else a[0] * a[1])
+        seconds = event.self_cpu_time_total / 1e6
+        found.append((seconds, event.key, f"{a} × {b}", event.count, flops * event.count / seconds / 1e9))
+    found.sort(reverse=True)
+    lines = [f"Matrix products: {sum(f[0] for f in found) * 1e3:.0f} ms in all", "",
+             "| op | operands | calls | ms | GFLOP/s |", "|---|---|---|---|---|"]
+    lines += [f"| {op} | {shapes} | {calls} | {seconds * 1e3:.1f} | {rate:.1f} |"
+              for seconds, op, shapes, calls, rate in found[:rows]]
+    return "\n".join(lines)
 
 
 def measure(name, args):
@@ -415,7 +440,8 @@ def main():
     if args.profile:
         for name in args.models:
             result = run_worker(args, "--worker", name, "--profile")
-            print(f"### {MODELS[name]}: one training step of {result['tokens']} tokens\n\n{result['table']}")
+            print(f"### {MODELS[name]}: one training step of {result['tokens']} tokens\n\n{result['table']}\n\n"
+                  f"{result['products']}\n")
         return
     if args.sweep or args.ceiling:
         print(json.dumps(sweep(args) if args.sweep else ceiling(args)))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything scripts/gpu_benchmark.sh needs on the GPU machine that it does not have, into .whl/
-# (git-ignored; about 30 MB, within the device tool's 64 MiB carry). Run here, where PyPI is
+# (git-ignored; about 27 MB, within the device tool's 64 MiB carry). Run here, where PyPI is
 # reachable, once per session (nothing outside the repository lasts between sessions):
 #
 #   bash scripts/gpu_wheels.sh [WIKITEXT2_DIR]      (default: ../shared/data/wikitext-2)
@@ -16,7 +16,6 @@
 #     bitarray: fairseq's own requirements the machine lacks;
 #   - transformers 4.35.2, tokenizers 0.15.2, huggingface-hub 0.36.2: the versions the CPU suite
 #     runs fairseq's truncated_bptt Transformer-XL with (its HuggingFace TransfoXL);
-#   - rmt-fairseq itself (its wheel carries rmt_compat.pth, which a venv's site-packages runs);
 #   - data/wikitext-2/*.xz: the raw WikiText-2 the benchmark prepares at byte level there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +43,6 @@ trap 'rm -rf "$BUILD"' EXIT
 # --no-build-isolation: fairseq's setup.py needs numpy, which its build requirements do not name
 "$BUILD/venv/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" \
   fairseq==0.12.2 antlr4-python3-runtime==4.8
-"$BUILD/venv/bin/python" -m pip wheel -q --no-deps -w "$DEST" .
 
 ls -l "$DEST"
 du -sh "$DEST"

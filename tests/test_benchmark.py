@@ -1,5 +1,7 @@
 """scripts/benchmark.py: a tiny smoke run in the default suite (the real run is docs/performance.md's)."""
 
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +77,16 @@ def test_benchmark_profiles_a_training_step(tiny_data_bin):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "### ours, Transformer-XL, mem T: one training step of 32 tokens" in proc.stdout  # 2 rows x 2 x 8
     assert "aten::mm" in proc.stdout and "Self CPU time total" in proc.stdout
+    total, table = proc.stdout.split("Matrix products: ")[1].split("\n\n")[:2]
+    rows = [line.strip("| ").split(" | ") for line in table.splitlines()[2:]]
+    assert 0 < len(rows) <= 12 and {row[0] for row in rows} <= {"aten::mm", "aten::addmm", "aten::bmm"}
+    assert sum(float(row[3]) for row in rows) <= float(total.split(" ms")[0]) + 0.1
+    for op, operands, calls, ms, rate in rows:  # the rate is 2·(rows·inner·columns) per call over the time
+        a, b = (json.loads(shape) for shape in operands.split(" × "))
+        gflop = 2 * math.prod(a) * b[-1] * int(calls) / 1e9
+        ms, rate = float(ms), float(rate)  # both printed to 0.1
+        slowest, fastest = gflop / ((ms + 0.05) / 1e3), gflop / (max(ms - 0.05, 1e-9) / 1e3)
+        assert slowest - 0.05 <= rate <= fastest + 0.05, (op, operands, calls, ms, rate)
 
 
 def table_rows(block):

@@ -31,3 +31,27 @@ def test_check_py312_script_passes():
         f"check_py312.sh exited {proc.returncode} (2: environment could not be set up)\n"
         f"{summary or proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
     assert "RESULT: PASS" in summary, proc.stdout[-6000:]
+
+
+def test_gpu_benchmark_dry_run_on_the_cpu(tmp_path):
+    """scripts/gpu_benchmark.sh as the GPU machine runs it (the carried .whl/ installed over a
+    Python 3.12 torch, byte-level WikiText-2 prepared, the benchmark, 30 updates of fairseq-train),
+    with tiny sizes on the CPU: all but the GPU itself is checked before a device call is spent."""
+    import os
+
+    venv = REPO / ".venv312"
+    if not (venv / "bin" / "python").exists():
+        pytest.skip("needs .venv312 (test_check_py312_script_passes makes it)")
+    if not (REPO.parent / "shared" / "data" / "wikitext-2").is_dir():
+        pytest.skip("needs ../shared/data/wikitext-2")
+    wheels = subprocess.run(["bash", "scripts/gpu_wheels.sh"], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert wheels.returncode == 0, wheels.stdout[-3000:] + wheels.stderr[-3000:]
+    env = {**os.environ, "GPU_BENCHMARK_DEVICE": "cpu", "GPU_BENCHMARK_VENV": str(venv), "OUT": str(tmp_path),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", "scripts/gpu_benchmark.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "Failed:" not in table and "| ours, Tr-XL + RMT (m, mem T), depth 1 |" in table
+    assert "fairseq 0.12.2" in (tmp_path / "machine.txt").read_text()
+    assert "done training" in (tmp_path / "train.log").read_text()
