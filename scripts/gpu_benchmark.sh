@@ -5,7 +5,7 @@
 #   here:   bash scripts/gpu_wheels.sh                    (wheels and WikiText-2 into .whl/)
 #   there:  run(command="bash scripts/gpu_benchmark.sh", carry=[".whl"], timeout_s=540)
 #
-# It installs .whl/ into a venv over the machine's own torch, prepares byte-level WikiText-2,
+# It installs .whl/ into a venv that also sees the machine's own torch, prepares WikiText-2,
 # then runs scripts/benchmark.py on the GPU: the paper's enwik8 backbone (12 layers, d_model 512),
 # fairseq's --bf16, T = 128, m = 20, 64 streams, K = 4; tokens/s, eval-lm tokens/s, MFU against the
 # measured bf16 matrix-product rate, the ratio to fairseq's truncated_bptt Transformer-XL, and
@@ -13,24 +13,27 @@
 # fairseq-train with --arch rmt_enwik8_base --bf16 (loss finite and falling). Everything lands in
 # $OUT (the device tool brings it back); the tables end the output.
 #
-# Dry run on the CPU (tiny sizes, fp32, no GPU): everything else, in an existing Python 3.12
-# venv that has torch:
-#   GPU_BENCHMARK_DEVICE=cpu GPU_BENCHMARK_VENV=/path/to/venv312 bash scripts/gpu_benchmark.sh
+# Dry run on the CPU (tiny sizes, fp32, no GPU): everything else, over any Python 3.12 with torch:
+#   GPU_BENCHMARK_DEVICE=cpu GPU_BENCHMARK_PYTHON=.venv312/bin/python bash scripts/gpu_benchmark.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d -t gpu_benchmark.XXXXXX)}
 DEVICE=${GPU_BENCHMARK_DEVICE:-cuda}
-VENV=${GPU_BENCHMARK_VENV:-/tmp/rmt-gpu-venv}
-DATA=$(mktemp -d -t rmt-gpu-data.XXXXXX)/wt2-byte
+PYTHON=${GPU_BENCHMARK_PYTHON:-python3}  # the interpreter that holds torch (there: python3)
+WORK=$(mktemp -d -t rmt-gpu.XXXXXX)
+VENV=$WORK/venv DATA=$WORK/wt2-byte
 [ -d .whl ] || { echo "gpu_benchmark: .whl/ is missing: run scripts/gpu_wheels.sh here and carry .whl" >&2; exit 2; }
 
-if [ -z "${GPU_BENCHMARK_VENV:-}" ]; then  # over the machine's python3, which holds its CUDA torch
-  python3 -m venv --system-site-packages --without-pip "$VENV"
-fi
+purelib() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+# A venv of our packages that also sees $PYTHON's: that python3 is itself a venv (its torch is not
+# in the base interpreter's site-packages, so --system-site-packages would not find it). The .pth
+# appends $PYTHON's site-packages after the venv's own, so the carried versions win.
+"$PYTHON" -m venv --without-pip "$VENV"
+echo "import site; site.addsitedir('$(purelib "$PYTHON")')" >"$(purelib "$VENV/bin/python")/00-base-site.pth"
 # fairseq 0.12.2 runs on Python 3.12 through rmt_compat (the repo's copy), which rmt_compat.pth loads
 export PYTHONPATH=$PWD PATH=$VENV/bin:$PATH PYTHONUNBUFFERED=1
 "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check .whl/*.whl
-cp rmt_compat.pth "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
+cp rmt_compat.pth "$(purelib "$VENV/bin/python")/"
 PY=$VENV/bin/python
 
 {

@@ -46,8 +46,9 @@ def test_gpu_benchmark_dry_run_on_the_cpu(tmp_path):
         pytest.skip("needs ../shared/data/wikitext-2")
     wheels = subprocess.run(["bash", "scripts/gpu_wheels.sh"], cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert wheels.returncode == 0, wheels.stdout[-3000:] + wheels.stderr[-3000:]
-    env = {**os.environ, "GPU_BENCHMARK_DEVICE": "cpu", "GPU_BENCHMARK_VENV": str(venv), "OUT": str(tmp_path),
-           "OMP_NUM_THREADS": "1"}
+    # .venv312 is a venv with torch, as the GPU machine's python3 is
+    env = {**os.environ, "GPU_BENCHMARK_DEVICE": "cpu", "GPU_BENCHMARK_PYTHON": str(venv / "bin" / "python"),
+           "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", "scripts/gpu_benchmark.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
