@@ -37,8 +37,8 @@ On a GPU (``--device cuda``; ``scripts/gpu_benchmark.sh`` is the whole prepared 
 is fairseq's ``--bf16`` (bf16 weights and activations, fp32 master weights in fairseq's
 FP16Optimizer), ``--size enwik8_base`` the paper's enwik8 backbone, time is read after
 ``torch.cuda.synchronize()``, and peak memory is the CUDA allocator's. Every run also measures the
-device's matrix-product rate (one large product in the benchmark's precision, as KINDS.md's
-ceiling) and gives each model's model-FLOPs utilisation (MFU) against it.
+device's matrix-product rate (one large product in the benchmark's precision: the ceiling a model
+made of matrix products could reach) and gives each model's model-FLOPs utilisation (MFU) against it.
 """
 
 import argparse
@@ -222,7 +222,7 @@ def profile_step(name, args):
 
 def matrix_products(prof, rows=12):
     """The profiled step's matrix products (``mm``, ``addmm``, ``bmm``) by operand shapes: total
-    time, calls and GFLOP/s, the slowest first, as a markdown table."""
+    time, calls and GFLOP/s, the most time first, as a markdown table."""
     found = []
     for event in prof.key_averages(group_by_input_shape=True):
         shapes = event.input_shapes
