@@ -36,10 +36,12 @@ def test_benchmark_prints_the_side_by_side_table(tiny_data_bin, tmp_path):
     for name, row in work.items():  # GFLOP per token: a training step is a forward and a backward
         train_gflop, eval_gflop = float(row[0]), float(row[3])
         assert train_gflop > 2 * eval_gflop > 0, (name, row)
-        # MFU: the counted rate over the measured matrix-product rate
+        # MFU: the counted rate over the measured matrix-product rate (rates printed to 0.1 GFLOP/s,
+        # MFU to 0.1%)
         peak = float(table.split("matrix-product rate measured: ")[1].split(" GFLOP/s")[0])
         for rate, mfu in ((row[1], row[2]), (row[4], row[5].rstrip(" |"))):
-            assert abs(float(mfu.rstrip("%")) - 100 * float(rate) / peak) < 0.1, (name, row, peak)
+            lowest, highest = (100 * (float(rate) + d) / peak for d in (-0.05, 0.05))
+            assert lowest - 0.05 <= float(mfu.rstrip("%")) <= highest + 0.05, (name, row, peak)
     assert float(work["| ours, RMT m, prefix, depth 3"][0]) > float(work["| ours, RMT m, chunk, depth 1"][0])
 
 
