@@ -236,7 +236,7 @@ def matrix_products(prof, rows=12):
         seconds = event.self_cpu_time_total / 1e6
         found.append((seconds, event.key, f"{a} × {b}", event.count, flops * event.count / seconds / 1e9))
     found.sort(reverse=True)
-    lines = [f"Matrix products: {sum(f[0] for f in found) * 1e3:.0f} ms in all", "",
+    lines = [f"Matrix products: {sum(f[0] for f in found) * 1e3:.1f} ms in all", "",
              "| op | operands | calls | ms | GFLOP/s |", "|---|---|---|---|---|"]
     lines += [f"| {op} | {shapes} | {calls} | {seconds * 1e3:.1f} | {rate:.1f} |"
               for seconds, op, shapes, calls, rate in found[:rows]]

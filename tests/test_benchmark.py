@@ -82,7 +82,8 @@ def test_benchmark_profiles_a_training_step(tiny_data_bin):
     total, table = proc.stdout.split("Matrix products: ")[1].split("\n\n")[:2]
     rows = [line.strip("| ").split(" | ") for line in table.splitlines()[2:]]
     assert 0 < len(rows) <= 12 and {row[0] for row in rows} <= {"aten::mm", "aten::addmm", "aten::bmm"}
-    assert sum(float(row[3]) for row in rows) <= float(total.split(" ms")[0]) + 0.1
+    # the rows shown are part of the total (each printed to 0.1 ms)
+    assert sum(float(row[3]) for row in rows) <= float(total.split(" ms")[0]) + 0.05 * (len(rows) + 1)
     for op, operands, calls, ms, rate in rows:  # the rate is 2·(rows·inner·columns) per call over the time
         a, b = (json.loads(shape) for shape in operands.split(" × "))
         gflop = 2 * math.prod(a) * b[-1] * int(calls) / 1e9
