@@ -508,13 +508,9 @@ class RMTLMCriterion(FairseqCriterion):
     # ------------------------------------------------------------------ losses and metrics
     def segment_loss(self, model, net_output, target: Tensor) -> Tensor:
         """Summed cross-entropy (nats) over the segment's non-pad targets."""
-        adaptive_softmax = getattr(model.decoder, "adaptive_softmax", None)
-        if adaptive_softmax is not None:
-            logits, targets = adaptive_softmax(net_output[0], target)
-            return sum(
-                F.cross_entropy(lg, tg, ignore_index=self.padding_idx, reduction="sum")
-                for lg, tg in zip(logits, targets) if lg is not None
-            )
+        if getattr(model.decoder, "adaptive_softmax", None) is not None:
+            log_prob = model.decoder.target_log_prob(net_output[0], target)
+            return -log_prob.masked_fill(target.eq(self.padding_idx), 0.0).sum()
         lprobs = model.get_normalized_probs(net_output, log_probs=True)
         return F.nll_loss(lprobs.view(-1, lprobs.size(-1)), target.reshape(-1),
                           ignore_index=self.padding_idx, reduction="sum")

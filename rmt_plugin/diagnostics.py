@@ -64,28 +64,7 @@ def bucket_start(label: str) -> int:
 
 def token_nll(model, net_output, target: Tensor) -> Tensor:
     """Per-token negative log-likelihood [B, T] in nats (full or adaptive softmax)."""
-    adaptive_softmax = getattr(getattr(model, "decoder", model), "adaptive_softmax", None)
-    if adaptive_softmax is not None:
-        return -adaptive_target_log_prob(adaptive_softmax, net_output[0], target)
-    lprobs = model.get_normalized_probs(net_output, log_probs=True, sample={"target": target})
-    return -lprobs.float().gather(-1, target.unsqueeze(-1)).squeeze(-1)
-
-
-def adaptive_target_log_prob(adaptive_softmax, hidden: Tensor, target: Tensor) -> Tensor:
-    """log p(target) [B, T] under fairseq's ``AdaptiveSoftmax``, without its [B*T, vocab] table.
-
-    ``get_log_prob`` fills a table of the whole vocabulary for every token (68 MB per 512 tokens
-    at WikiText-2's 33k words, 1 GB at WikiText-103's 267k); a target needs only its head entry
-    and, for a rare word, its cluster's entry: ``log p(w) = log p_head(cluster(w)) + log p_cluster(w)``.
-    """
-    heads, rows = adaptive_softmax.adapt_target(target)  # head targets, then each cluster's
-    x = hidden.reshape(-1, hidden.size(-1))
-    log_prob = torch.log_softmax(adaptive_softmax.head(x).float(), -1).gather(1, heads[0].unsqueeze(1)).squeeze(1)
-    for cluster, (tail, in_cluster) in enumerate(zip(adaptive_softmax.tail, rows)):
-        if in_cluster is not None:
-            tail_log_prob = torch.log_softmax(tail(x[in_cluster]).float(), -1)
-            log_prob[in_cluster] += tail_log_prob.gather(1, heads[cluster + 1].unsqueeze(1)).squeeze(1)
-    return log_prob.view(target.shape)
+    return -getattr(model, "decoder", model).target_log_prob(net_output[0], target)
 
 
 def reset_states(model, state: Optional[RMTState], batch_size: int) -> Dict[str, Optional[RMTState]]:

@@ -66,9 +66,15 @@ from fairseq.modules import AdaptiveInput, AdaptiveSoftmax
 from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
 
+from .adaptive import TransformerXLAdaptiveInput, TransformerXLAdaptiveSoftmax, fairseq_target_log_prob
+
 MEMORY_LAYOUTS = ChoiceEnum(["rmt", "memtr"])
 WRITE_INPUTS = ChoiceEnum(["memory", "learned"])
 CACHE_DISTANCES = ChoiceEnum(["sequence", "stream"])
+CACHE_CONTENTS = ChoiceEnum(["segment", "sequence"])
+MEMORY_POSITIONS = ChoiceEnum(["signed", "rel_shift"])
+MEMORY_PARAMETRISATIONS = ChoiceEnum(["embedding", "raw"])
+ADAPTIVE_SOFTMAX_TYPES = ChoiceEnum(["fairseq", "transformer_xl"])
 
 
 class RMTState(NamedTuple):
@@ -119,6 +125,39 @@ class RMTConfig(FairseqDataclass):
                           "stream (as in the token stream: the last cached token is 1 before the first "
                           "segment token; see the module docstring)"},
     )
+    cache_content: CACHE_CONTENTS = field(
+        default="segment",
+        metadata={"help": "what the Transformer-XL cache holds with memory tokens: segment (segment positions "
+                          "only) or sequence (the last --mem-len positions of [read; segment; write], the "
+                          "paper's code; needs --cache-distance sequence)"},
+    )
+    memory_positions: MEMORY_POSITIONS = field(
+        default="signed",
+        metadata={"help": "position scores of memory tokens attending to later ones in their block: signed "
+                          "(sinusoids of the negative distance) or rel_shift (what Transformer-XL's rel_shift "
+                          "reads there, the paper's code: 0 at distance -1, the next query row's score beyond; "
+                          "needs --cache-distance sequence)"},
+    )
+    memory_parametrisation: MEMORY_PARAMETRISATIONS = field(
+        default="embedding",
+        metadata={"help": "the learned start memory: embedding (m vectors ~ N(0, init_std) scaled by "
+                          "sqrt(d_model) like token embeddings) or raw (the paper's code: one N(0, 1) vector "
+                          "repeated m times as the m x d_model parameters' start, used unscaled)"},
+    )
+    memory_write_dropout: bool = field(
+        default=False,
+        metadata={"help": "take the written memory after the output dropout (the paper's code), so it is "
+                          "dropped out again as the next segment's input"},
+    )
+    share_rel_bias: bool = field(
+        default=False,
+        metadata={"help": "one pair of relative-attention biases (u, v) for all layers, as Transformer-XL's "
+                          "code and the paper's runs (default: a pair per layer)"},
+    )
+    layer_norm_init_std: float = field(
+        default=0.0,
+        metadata={"help": "LayerNorm gains start ~ N(1, this) (Transformer-XL's code: init_std); 0: ones"},
+    )
     clamp_len: int = field(
         default=-1, metadata={"help": "use the same positional embedding for distances beyond this (-1: off)"}
     )
@@ -131,6 +170,12 @@ class RMTConfig(FairseqDataclass):
     )
     div_val: float = field(
         default=1.0, metadata={"help": "adaptive input/softmax: each cluster's dimension is divided by this"}
+    )
+    adaptive_softmax_type: ADAPTIVE_SOFTMAX_TYPES = field(
+        default="fairseq",
+        metadata={"help": "with --adaptive-softmax-cutoff: fairseq (AdaptiveInput/AdaptiveSoftmax) or "
+                          "transformer_xl (Transformer-XL's projected adaptive embedding and softmax, the "
+                          "paper's; see rmt_plugin/adaptive.py)"},
     )
     tie_weights: bool = field(default=True, metadata={"help": "tie input embeddings and output weights"})
     memory_target_token: bool = field(
@@ -189,6 +234,14 @@ def check_config(cfg: RMTConfig, vocab_size: int):
     for cutoff in parse_cutoffs(cfg.adaptive_softmax_cutoff):
         need(0 < cutoff < vocab_size, f"--adaptive-softmax-cutoff {cutoff} is not inside the vocabulary "
              f"(size {vocab_size}); drop it")
+    with_cache_and_memory = cfg.mem_len > 0 and cfg.num_mem_tokens > 0
+    for flag, value, paper_value in (("--cache-content", cfg.cache_content, "sequence"),
+                                     ("--memory-positions", cfg.memory_positions, "rel_shift")):
+        need(value != paper_value or not with_cache_and_memory or cfg.cache_distance == "sequence",
+             f"{flag} {value} measures distances along the key sequence, as the paper's code does: "
+             "add --cache-distance sequence")
+    need(cfg.adaptive_softmax_type != "transformer_xl" or float(cfg.div_val).is_integer(),
+         f"--adaptive-softmax-type transformer_xl needs an integer --div-val, got {cfg.div_val}")
 
 
 def parse_cutoffs(spec: Optional[str]) -> List[int]:
@@ -237,7 +290,13 @@ class RMTDecoder(FairseqDecoder):
         # a data-bin's ids are untouched; only the embedding and output layer get one more row.
         self.memory_target = len(dictionary) if cfg.memory_target_token else None
         vocab = len(dictionary) + cfg.memory_target_token
-        if cutoffs:
+        if cutoffs and cfg.adaptive_softmax_type == "transformer_xl":
+            self.embed_tokens = TransformerXLAdaptiveInput(vocab, cfg.d_model, cutoffs, int(cfg.div_val), cfg.init_std)
+            self.adaptive_softmax = TransformerXLAdaptiveSoftmax(
+                vocab, cfg.d_model, cutoffs, int(cfg.div_val), cfg.init_std,
+                tied_input=self.embed_tokens if cfg.tie_weights else None,
+            )
+        elif cutoffs:
             self.embed_tokens = AdaptiveInput(
                 vocab, self.padding_idx, cfg.d_model, cfg.div_val, cfg.d_model, list(cutoffs)
             )
@@ -255,9 +314,13 @@ class RMTDecoder(FairseqDecoder):
             self.out_bias = nn.Parameter(torch.zeros(vocab))
         self.mem_init = None
         if cfg.num_mem_tokens > 0:
-            self.mem_init = nn.Parameter(torch.randn(cfg.num_mem_tokens, cfg.d_model) * cfg.init_std)
+            self.mem_init = nn.Parameter(initial_memory(cfg))
+        # With --share-rel-bias the decoder owns the one pair of relative-attention biases.
+        self.r_w_bias = self.r_r_bias = None
+        if cfg.share_rel_bias:
+            self.r_w_bias, self.r_r_bias = rel_bias_pair(cfg)
         self.layers = nn.ModuleList(RelDecoderLayer(cfg) for _ in range(cfg.n_layer))
-        self.final_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_lnorm else None
+        self.final_norm = layer_norm(cfg) if cfg.pre_lnorm else None
         self._plans = {}
 
     # ----------------------------------------------------------------- forward
@@ -292,16 +355,33 @@ class RMTDecoder(FairseqDecoder):
         positions = (pos_emb, plan.max_distance, cache_len, plan.cache_shift)
 
         new_cache = [] if self.mem_len > 0 else None
+        cached_rows = plan.segment if self.cfg.cache_content == "segment" else slice(None)
+        shared_bias = (self.r_w_bias, self.r_r_bias) if self.cfg.share_rel_bias else None
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache else None
             if new_cache is not None:
-                new_cache.append(self._update_cache(layer_cache, h[:, plan.segment]))
-            h = layer(h, layer_cache, positions, plan.bias, first_row=plan.last_layer_rows if i == last else 0)
+                new_cache.append(self._update_cache(layer_cache, h[:, cached_rows]))
+            h = layer(h, layer_cache, positions, plan.bias, first_row=plan.last_layer_rows if i == last else 0,
+                      shared_bias=shared_bias)
         if self.final_norm is not None:
             h = self.final_norm(h)
+        if self.cfg.memory_write_dropout:
+            h = self.dropout(h)
+            features = h[:, plan.output_segment]
+        else:
+            features = self.dropout(h[:, plan.output_segment])
         next_memory = h[:, plan.next_memory] if m > 0 else None
-        return self.dropout(h[:, plan.output_segment]), RMTState(next_memory, new_cache)
+        return features, RMTState(next_memory, new_cache)
+
+    def target_log_prob(self, output: Tensor, target: Tensor) -> Tensor:
+        """log p(target) [B, T] in float from ``output`` (the forward's first result: logits, or
+        features for an adaptive softmax, which needs no table of the whole vocabulary)."""
+        if isinstance(self.adaptive_softmax, TransformerXLAdaptiveSoftmax):
+            return self.adaptive_softmax.target_log_prob(output, target)
+        if self.adaptive_softmax is not None:
+            return fairseq_target_log_prob(self.adaptive_softmax, output, target)
+        return F.log_softmax(output.float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
     def output_layer(self, features: Tensor) -> Tensor:
         if self.adaptive_softmax is not None:
@@ -318,11 +398,15 @@ class RMTDecoder(FairseqDecoder):
                     "batches of one stream must keep the same --batch-size"
                 )
             return state.memory
-        return (self.mem_init * self.embed_scale).unsqueeze(0).expand(bsz, -1, -1)
+        return self._start_memory().unsqueeze(0).expand(bsz, -1, -1)
+
+    def _start_memory(self) -> Tensor:
+        scale = self.embed_scale if self.cfg.memory_parametrisation == "embedding" else 1.0
+        return self.mem_init * scale
 
     def _write_input(self, memory: Tensor) -> Tensor:
         if self.cfg.memory_write_input == "learned":
-            return (self.mem_init * self.embed_scale).unsqueeze(0).expand_as(memory)
+            return self._start_memory().unsqueeze(0).expand_as(memory)
         return memory
 
     def _update_cache(self, cache: Optional[Tensor], segment_hidden: Tensor) -> Tensor:
@@ -337,6 +421,7 @@ class RMTDecoder(FairseqDecoder):
                 seg_len, cache_len, self.num_mem_tokens, self.cfg.memory_layout, self.cfg.mem_attend_cache,
                 self.cfg.same_length, self.mem_len, self.cfg.clamp_len, self.cfg.d_model, device,
                 cache_shift=self.num_mem_tokens if self.cfg.cache_distance == "stream" else 0,
+                memory_positions=self.cfg.memory_positions,
             )
         return self._plans[key]
 
@@ -381,7 +466,7 @@ def allowed_attention(seg_len: int, cache_len: int, m: int, layout: str, mem_att
 
 
 def build_attention_plan(seg_len, cache_len, m, layout, mem_attend_cache, same_length, mem_len, clamp_len,
-                         d_model, device, cache_shift=0) -> AttentionPlan:
+                         d_model, device, cache_shift=0, memory_positions="signed") -> AttentionPlan:
     allowed = allowed_attention(seg_len, cache_len, m, layout, mem_attend_cache, same_length, mem_len)
     q_len, k_len = allowed.shape
     bias = torch.zeros(q_len, k_len).masked_fill_(~allowed, float("-inf"))
@@ -399,6 +484,8 @@ def build_attention_plan(seg_len, cache_len, m, layout, mem_attend_cache, same_l
     first_row = last_layer_first_row(m, layout)
     max_distance = max(int(used.max()), k_len - q_len + first_row)
     min_distance = min(int(used.min()), max_distance - k_len)
+    if memory_positions == "rel_shift":
+        max_distance, min_distance = k_len, 0  # a zero row at distance K, then K-1..0 (relative_scores)
     distances = torch.arange(max_distance, min_distance - 1, -1.0)
     if clamp_len > 0:
         distances = distances.clamp(-clamp_len, clamp_len)
@@ -409,6 +496,8 @@ def build_attention_plan(seg_len, cache_len, m, layout, mem_attend_cache, same_l
     else:
         next_memory = slice(0, read)
     pos_emb = sinusoid(distances, d_model)
+    if memory_positions == "rel_shift":
+        pos_emb[0] = 0.0
     return AttentionPlan(bias.to(device), pos_emb.to(device), max_distance, cache_shift, segment, first_row,
                          shift_slice(segment, -first_row), shift_slice(next_memory, -first_row))
 
@@ -439,6 +528,12 @@ def relative_scores(q_r: Tensor, r_k: Tensor, k_len: int, max_distance: int, cac
     (no cache), distances 1, 0, -1: row 0 reads columns (1, 2) = distances (0, -1), row 1 columns
     (0, 1) = distances (1, 0). With n = K+Q-1 every read is in its own row. The first
     ``cache_len`` keys are cached ones, ``cache_shift`` further away (``--cache-distance stream``).
+
+    ``--memory-positions rel_shift`` (the paper's code, Transformer-XL's ``_rel_shift``): the rows
+    are distances K (a zero embedding) down to 0, n = K+1, and the same view then reads, for a key
+    after its query (only memory tokens attend to such keys), what ``_rel_shift`` reads: 0 at
+    distance -1, and for distance -1-e the next query row's score at distance K-e. Example, K=Q=2,
+    rows (2, 1, 0) = (zero, r1, r0): row 0 reads (q0 . r0, 0), row 1 (q1 . r1, q1 . r0).
     """
     full = torch.matmul(q_r, r_k.transpose(-1, -2)).contiguous()  # [B, H, Q, n]
     bsz, heads, q_len, n_dist = full.shape
@@ -465,31 +560,34 @@ class RelMultiheadAttention(nn.Module):
         self.qkv_net = nn.Linear(cfg.d_model, 3 * inner, bias=False)
         self.r_net = nn.Linear(cfg.d_model, inner, bias=False)
         self.o_net = nn.Linear(inner, cfg.d_model, bias=False)
-        self.r_w_bias = nn.Parameter(torch.empty(cfg.n_head, cfg.d_head))  # "u": content bias
-        self.r_r_bias = nn.Parameter(torch.empty(cfg.n_head, cfg.d_head))  # "v": position bias
-        for p in (self.qkv_net.weight, self.r_net.weight, self.o_net.weight, self.r_w_bias, self.r_r_bias):
+        for p in (self.qkv_net.weight, self.r_net.weight, self.o_net.weight):
             nn.init.normal_(p, std=cfg.init_std)
+        self.r_w_bias = self.r_r_bias = None  # --share-rel-bias: the decoder's pair is passed in
+        if not cfg.share_rel_bias:
+            self.r_w_bias, self.r_r_bias = rel_bias_pair(cfg)
         self.dropatt = cfg.dropatt
         self.scale = 1.0 / math.sqrt(cfg.d_head)
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.view(x.size(0), x.size(1), self.n_head, self.d_head).transpose(1, 2)
 
-    def forward(self, h: Tensor, keys_in: Tensor, positions, bias: Tensor) -> Tensor:
+    def forward(self, h: Tensor, keys_in: Tensor, positions, bias: Tensor, shared_bias=None) -> Tensor:
         """``positions``: (sinusoids of the plan's distances, the largest of them, the cache length, the
-        cached keys' distance shift); the queries ``h`` are the last rows of ``keys_in``."""
+        cached keys' distance shift); the queries ``h`` are the last rows of ``keys_in``;
+        ``shared_bias``: the decoder's (u, v) with --share-rel-bias."""
         pos_emb, max_distance, cache_len, cache_shift = positions
+        r_w_bias, r_r_bias = shared_bias if shared_bias is not None else (self.r_w_bias, self.r_r_bias)
         inner = self.n_head * self.d_head
         w_q, w_kv = self.qkv_net.weight.split([inner, 2 * inner])
         q = self._heads(F.linear(h, w_q))
         k, v = (self._heads(t) for t in F.linear(keys_in, w_kv).chunk(2, dim=-1))
         # scaled here, on [H, n, Dh], rather than the [B, H, Q, K] scores: the same product, less work
         r_k = (self.r_net(pos_emb) * self.scale).view(-1, self.n_head, self.d_head).transpose(0, 1)
-        position = relative_scores(q + self.r_r_bias.unsqueeze(1), r_k, keys_in.size(1), max_distance, cache_len,
+        position = relative_scores(q + r_r_bias.unsqueeze(1), r_k, keys_in.size(1), max_distance, cache_len,
                                    cache_shift)
         attn_bias = position + bias
         out = F.scaled_dot_product_attention(
-            q + self.r_w_bias.unsqueeze(1), k, v, attn_mask=attn_bias.to(q.dtype),
+            q + r_w_bias.unsqueeze(1), k, v, attn_mask=attn_bias.to(q.dtype),
             dropout_p=self.dropatt if self.training else 0.0, scale=self.scale,
         )
         return self.o_net(out.transpose(1, 2).reshape(h.size(0), h.size(1), inner))
@@ -500,7 +598,7 @@ class RelDecoderLayer(nn.Module):
         super().__init__()
         self.pre_lnorm = cfg.pre_lnorm
         self.attn = RelMultiheadAttention(cfg)
-        self.attn_norm = nn.LayerNorm(cfg.d_model)
+        self.attn_norm = layer_norm(cfg)
         self.ff = nn.Sequential(
             nn.Linear(cfg.d_model, cfg.d_inner), nn.ReLU(), nn.Dropout(cfg.dropout),
             nn.Linear(cfg.d_inner, cfg.d_model), nn.Dropout(cfg.dropout),
@@ -508,19 +606,39 @@ class RelDecoderLayer(nn.Module):
         for lin in (self.ff[0], self.ff[3]):
             nn.init.normal_(lin.weight, std=cfg.init_std)
             nn.init.zeros_(lin.bias)
-        self.ff_norm = nn.LayerNorm(cfg.d_model)
+        self.ff_norm = layer_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, h: Tensor, cache: Optional[Tensor], positions, bias: Tensor, first_row: int = 0) -> Tensor:
+    def forward(self, h: Tensor, cache: Optional[Tensor], positions, bias: Tensor, first_row: int = 0,
+                shared_bias=None) -> Tensor:
         """Outputs for the rows of ``h`` from ``first_row`` on; every row of ``h`` is a key."""
         keys_in = h if cache is None else torch.cat([cache, h], dim=1)
         x, bias = h[:, first_row:], bias[first_row:]
         if self.pre_lnorm:
             normed = self.attn_norm(keys_in)
-            x = x + self.dropout(self.attn(normed[:, -x.size(1):], normed, positions, bias))
+            x = x + self.dropout(self.attn(normed[:, -x.size(1):], normed, positions, bias, shared_bias))
             return x + self.ff(self.ff_norm(x))
-        x = self.attn_norm(x + self.dropout(self.attn(x, keys_in, positions, bias)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, keys_in, positions, bias, shared_bias)))
         return self.ff_norm(x + self.ff(x))
+
+
+def rel_bias_pair(cfg: RMTConfig):
+    """Transformer-XL's content bias u (``r_w_bias``) and position bias v (``r_r_bias``), [H, Dh]."""
+    return tuple(nn.Parameter(torch.empty(cfg.n_head, cfg.d_head).normal_(std=cfg.init_std)) for _ in range(2))
+
+
+def layer_norm(cfg: RMTConfig) -> nn.LayerNorm:
+    norm = nn.LayerNorm(cfg.d_model)
+    if cfg.layer_norm_init_std > 0:
+        nn.init.normal_(norm.weight, 1.0, cfg.layer_norm_init_std)
+    return norm
+
+
+def initial_memory(cfg: RMTConfig) -> Tensor:
+    """The learned start memory's initial value [m, d_model] (``--memory-parametrisation``)."""
+    if cfg.memory_parametrisation == "raw":
+        return torch.randn(1, cfg.d_model).repeat(cfg.num_mem_tokens, 1)
+    return torch.randn(cfg.num_mem_tokens, cfg.d_model) * cfg.init_std
 
 
 # ----------------------------------------------------------------------------- named architectures
@@ -533,11 +651,19 @@ def _set_defaults(cfg, **defaults):
 # The RMT paper's backbones (Transformer-XL base, Dai et al. 2019). A paper architecture sets every
 # RMTConfig value itself, defaults included, so that a later change of a default cannot change a
 # paper recipe; tests/test_architectures.py checks that no field is left to the default.
-# cache_distance: the paper's code measures distance along its whole key sequence (its cache holds
-# the memory positions too); our default, stream, lets Tr-XL + RMT use its cache (module docstring).
+# They are the paper's code (LM-RMT on Transformer-XL's) parameter for parameter, where our defaults
+# differ on purpose: Transformer-XL's projected adaptive softmax with an output bias per word, one
+# pair of relative biases for all layers, LayerNorm gains ~ N(1, 0.02); the memory as that code has
+# it (one N(0, 1) vector repeated, unscaled, written after the output dropout, memory-to-memory
+# positions as its rel_shift reads them); a cache of the last mem_len positions of [read; segment;
+# write], distances along the key sequence. Our defaults (stream distance, segment-only cache,
+# signed memory positions, scaled memory) are explained in the module docstring and docs.
 PAPER_COMMON = dict(dropout=0.1, dropatt=0.0, pre_lnorm=False, init_std=0.02, tie_weights=True,
                     same_length=False, clamp_len=-1, memory_layout="rmt", memory_write_input="memory",
-                    mem_attend_cache=False, cache_distance="sequence", div_val=1.0, memory_target_token=False)
+                    mem_attend_cache=False, cache_distance="sequence", div_val=1.0, memory_target_token=False,
+                    adaptive_softmax_type="transformer_xl", share_rel_bias=True, layer_norm_init_std=0.02,
+                    memory_parametrisation="raw", memory_write_dropout=True, memory_positions="rel_shift",
+                    cache_content="sequence")
 PAPER_BACKBONES = {
     "wt103_base": dict(PAPER_COMMON, n_layer=16, d_model=410, n_head=10, d_head=41, d_inner=2100,
                        adaptive_softmax_cutoff="20000,40000,200000"),

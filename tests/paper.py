@@ -9,7 +9,11 @@ Every RMTConfig field has a value here: a field added to the model must get its 
 PAPER_COMMON = dict(dropout=0.1, dropatt=0.0, pre_lnorm=False, init_std=0.02, tie_weights=True,
                     same_length=False, clamp_len=-1, memory_layout="rmt", memory_write_input="memory",
                     mem_attend_cache=False, cache_distance="sequence",  # as in the paper's code
-                    div_val=1.0, memory_target_token=False)
+                    div_val=1.0, memory_target_token=False,
+                    # the paper's code (LM-RMT), not our defaults: tests/test_authors_model.py checks them
+                    adaptive_softmax_type="transformer_xl", share_rel_bias=True, layer_norm_init_std=0.02,
+                    memory_parametrisation="raw", memory_write_dropout=True, memory_positions="rel_shift",
+                    cache_content="sequence")
 WT103_BASE = dict(PAPER_COMMON, n_layer=16, d_model=410, n_head=10, d_head=41, d_inner=2100,
                   adaptive_softmax_cutoff="20000,40000,200000")
 ENWIK8_BASE = dict(PAPER_COMMON, n_layer=12, d_model=512, n_head=8, d_head=64, d_inner=2048,

@@ -16,8 +16,11 @@ import rmt_plugin  # noqa: F401  (registers the archs, so the registry listing b
 from paper import ENWIK8_BASE, PAPER_COMMON, WT103_BASE  # tests/paper.py
 from rmt_plugin.model import RMTConfig
 
-WT103_TYPES = 267_735  # WikiText-103 vocabulary; fairseq's Dictionary adds 4 specials
-ENWIK8_TYPES = 204  # bytes seen in enwik8
+# The authors' vocabulary sizes (n_token in LM-RMT's result CSVs). fairseq's Dictionary adds 4
+# specials to a dict.txt, so a dict.txt of 4 fewer entries gives exactly the authors' size.
+WT103_TYPES = 267_735
+ENWIK8_TYPES = 204
+FAIRSEQ_SPECIALS = 4
 
 # Each named paper architecture is one row of the paper's tables (memory tokens m, cache L).
 PAPER_ARCHS = {
@@ -34,10 +37,16 @@ PAPER_ARCHS = {
 BACKBONE_FIELDS = ("n_layer", "d_model", "n_head", "d_head", "d_inner", "dropout", "dropatt", "pre_lnorm",
                    "adaptive_softmax_cutoff", "div_val", "tie_weights", "clamp_len", "same_length")
 
-# Published sizes: Transformer-XL base on WT103 151.1M (fairseq's truncated_bptt README counts
-# 151,123,537 for its HF-based copy), 12-layer enwik8 41M (Dai et al. 2019, Table 2).
-WT103_PUBLISHED = 151_123_537
-ENWIK8_PUBLISHED = 41_000_000
+# n_all_param of the authors' runs (LM-RMT, experiment_results/results_wt103_enwik8_all_parameters.csv).
+AUTHORS_COUNTS = {
+    "baseline_wt103_base": 151_107_538,
+    "transformer_xl_wt103_base": 151_107_538,
+    "rmt_wt103_base": 151_111_638,  # m = 10
+    "memtr_wt103_base": 151_111_638,
+    "baseline_enwik8_base": 41_055_436,
+    "transformer_xl_enwik8_base": 41_055_436,
+    "rmt_enwik8_base": 41_065_676,  # m = 20
+}
 
 # Every architecture registered for the "rmt" model, so a family added later is covered too.
 ALL_ARCHS = list(ARCH_MODEL_INV_REGISTRY["rmt"])
@@ -57,7 +66,8 @@ def family_of(arch):
 def data_dirs(tmp_path_factory):
     """fairseq-preprocess-like directories holding only a dict.txt of the right size."""
     dirs = {}
-    for name, n_types in (("wt103", WT103_TYPES), ("enwik8", ENWIK8_TYPES), ("small", 100)):
+    for name, n_types in (("wt103", WT103_TYPES - FAIRSEQ_SPECIALS), ("enwik8", ENWIK8_TYPES - FAIRSEQ_SPECIALS),
+                          ("small", 100)):
         path = tmp_path_factory.mktemp(name)
         (path / "dict.txt").write_text("".join(f"w{i} 1\n" for i in range(n_types)))
         dirs[name] = str(path)
@@ -113,7 +123,9 @@ def test_paper_archs_keep_the_paper_values_when_the_model_defaults_change(monkey
     fields = RMTConfig.__dataclass_fields__
     parsed = {}
     for name, paper in PAPER_COMMON.items():
-        choices = {"memory_layout": "memtr", "memory_write_input": "learned", "cache_distance": "stream"}
+        choices = {"memory_layout": "memtr", "memory_write_input": "learned", "cache_distance": "stream",
+                   "adaptive_softmax_type": "fairseq", "memory_parametrisation": "embedding",
+                   "memory_positions": "signed", "cache_content": "segment"}
         other = not paper if isinstance(paper, bool) else choices[name] if name in choices else paper + 1
         monkeypatch.setattr(fields[name], "default", other)
         parsed[name] = other if isinstance(paper, bool) else None
@@ -182,40 +194,47 @@ def test_small_memtr_keeps_the_write_input_it_has_no_block_for(data_dirs):
 
 
 # --------------------------------------------------------------------------- parameter counts
-def test_wt103_base_parameter_count(data_dirs):
-    xl, xl_model = count_parameters(data_dirs["wt103"], "transformer_xl_wt103_base")
-    rmt, _ = count_parameters(data_dirs["wt103"], "rmt_wt103_base")
+@pytest.mark.parametrize("arch", list(AUTHORS_COUNTS))
+def test_paper_archs_have_exactly_the_authors_parameter_count(data_dirs, arch):
+    count, _ = count_parameters(data_dir_for(data_dirs, arch), arch)
+    print(f"\n{arch}: {count:,} parameters, the authors' runs {AUTHORS_COUNTS[arch]:,}")
+    assert count == AUTHORS_COUNTS[arch]
+
+
+def test_the_counts_decompose_as_the_authors_model():
+    """The authors' WikiText-103 count, part by part: a tied embedding of the whole vocabulary, an
+    output bias per word, 3 cluster weights and biases, 16 layers, one (u, v) pair, m memory vectors;
+    enwik8 likewise without clusters. Independent of the code under test: only arithmetic."""
+    d, inner, layers = 410, 2100, 16
+    layer = 3 * d * d + d * d + d * d + 2 * d + (d * inner + inner + inner * d + d) + 2 * d  # qkv, r, o, LN, FF, LN
+    assert WT103_TYPES * d + WT103_TYPES + 3 * d + 3 + layers * layer + 2 * d == AUTHORS_COUNTS["baseline_wt103_base"]
+    assert AUTHORS_COUNTS["rmt_wt103_base"] - AUTHORS_COUNTS["baseline_wt103_base"] == 10 * d
+    d, inner, layers = 512, 2048, 12
+    layer = 5 * d * d + 2 * d + (2 * d * inner + inner + d) + 2 * d
+    assert ENWIK8_TYPES * d + ENWIK8_TYPES + layers * layer + 2 * d == AUTHORS_COUNTS["baseline_enwik8_base"]
+    assert AUTHORS_COUNTS["rmt_enwik8_base"] - AUTHORS_COUNTS["baseline_enwik8_base"] == 20 * d
+
+
+def test_wt103_base_parts(data_dirs):
+    """Where the WikiText-103 count comes from in ours: the one table of the whole vocabulary at full
+    width (div_val 1, no projections), an output bias per word, one shared (u, v) pair; Tr-XL + RMT
+    adds the embedding row and output bias of its memory-token loss's target <mem>."""
+    _, model = count_parameters(data_dirs["wt103"], "transformer_xl_wt103_base")
+    assert len(setup_task(data_dirs["wt103"]).target_dictionary) == WT103_TYPES
+    names = {n: p.numel() for n, p in model.named_parameters() if not n.startswith("decoder.layers.")}
+    assert names == {"decoder.embed_tokens.tables.0.weight": WT103_TYPES * 410,
+                     "decoder.adaptive_softmax.cluster_weight": 3 * 410, "decoder.adaptive_softmax.cluster_bias": 3,
+                     "decoder.adaptive_softmax.biases.0": WT103_TYPES,
+                     "decoder.r_w_bias": 410, "decoder.r_r_bias": 410}
     both, _ = count_parameters(data_dirs["wt103"], "rmt_xl_wt103_base")
-    memtr, _ = count_parameters(data_dirs["wt103"], "memtr_wt103_base")
-    baseline, _ = count_parameters(data_dirs["wt103"], "baseline_wt103_base")
-    assert len(setup_task(data_dirs["wt103"]).target_dictionary) == WT103_TYPES + 4
-    print(f"\nWT103 base parameters: transformer_xl {xl:,}, rmt {rmt:,}, rmt_xl {both:,}")
-    assert abs(xl - WT103_PUBLISHED) <= 0.01 * WT103_PUBLISHED, xl
-    # The memory is the only addition: m learned d_model-vectors, nothing per layer.
-    m = resolve(data_dirs["wt103"], "rmt_wt103_base").model.num_mem_tokens
-    assert rmt - xl == memtr - xl == m * 410
-    assert both - xl == (m + 1) * 410  # + the embedding row of the memory-token loss's target <mem>
-    assert baseline == xl  # a cache holds activations, not parameters
-    # The adaptive input covers the whole vocabulary at full width (div_val=1): no rows lost
-    tables = sum(e.weight.numel() for e in xl_model.decoder.embed_tokens.modules() if isinstance(e, torch.nn.Embedding))
-    assert tables == (WT103_TYPES + 4) * 410
-
-
-def test_enwik8_base_parameter_count(data_dirs):
-    xl, _ = count_parameters(data_dirs["enwik8"], "transformer_xl_enwik8_base")
-    rmt, _ = count_parameters(data_dirs["enwik8"], "rmt_enwik8_base")
-    baseline, _ = count_parameters(data_dirs["enwik8"], "baseline_enwik8_base")
-    print(f"\nenwik8 base parameters: transformer_xl {xl:,}, rmt {rmt:,}")
-    assert abs(xl - ENWIK8_PUBLISHED) <= 0.015 * ENWIK8_PUBLISHED, xl
-    m = resolve(data_dirs["enwik8"], "rmt_enwik8_base").model.num_mem_tokens
-    assert rmt - xl == m * 512
-    assert baseline == xl
+    assert both - AUTHORS_COUNTS["rmt_wt103_base"] == 410 + 1
 
 
 @pytest.mark.parametrize("family", ["wt103_base", "enwik8_base"])
 def test_layer_stack_has_exactly_transformer_xls_parameters(data_dirs, family):
-    """Independent count: HF's Transformer-XL layers of the same size (built on the meta device;
-    the layers do not depend on the vocabulary) hold exactly as many parameters as ours."""
+    """Independent count: HF's Transformer-XL layers of the same size, biases shared as in the
+    authors' runs (built on the meta device; the layers do not depend on the vocabulary), hold
+    exactly as many parameters as ours."""
     import warnings
 
     with warnings.catch_warnings():
@@ -224,11 +243,14 @@ def test_layer_stack_has_exactly_transformer_xls_parameters(data_dirs, family):
     cfg = resolve(data_dir_for(data_dirs, family), f"transformer_xl_{family}").model
     hf_config = TransfoXLConfig(vocab_size=16, cutoffs=[], d_model=cfg.d_model, d_embed=cfg.d_model,
                                 n_head=cfg.n_head, d_head=cfg.d_head, d_inner=cfg.d_inner, n_layer=cfg.n_layer,
-                                div_val=1, untie_r=True, pre_lnorm=False)
+                                div_val=1, untie_r=False, pre_lnorm=False)
     with torch.device("meta"):
         hf_layers = TransfoXLLMHeadModel(hf_config).transformer.layers
     _, ours = count_parameters(data_dir_for(data_dirs, family), f"transformer_xl_{family}")
-    assert sum(p.numel() for p in ours.decoder.layers.parameters()) == sum(p.numel() for p in hf_layers.parameters())
+    # HF's layers hold references to the shared pair, counted once; ours is the decoder's
+    shared = ours.decoder.r_w_bias.numel() + ours.decoder.r_r_bias.numel()
+    ours_layers = sum(p.numel() for p in ours.decoder.layers.parameters()) + shared
+    assert ours_layers == sum(p.numel() for p in hf_layers.parameters())
 
 
 # --------------------------------------------------------------------------- small models run
