@@ -14,6 +14,14 @@ line as well. ``drop_final_eos`` removes it from the binarized data, with fairse
 sequence's size shrinks by one. That sequence then ends without eos, exactly like the bytes, and
 decoding the binarized split gives back the split's bytes.
 
+``newline="drop"`` (rmt-prepare-enwik8's default) is the RMT and Transformer-XL papers' enwik8:
+their preparation writes each byte as its number and a newline byte as a line break, and their
+corpus reader adds no end-of-line symbol, so newline bytes are not in the stream and every bpc is
+over the other characters; the vocabulary is every symbol of train, valid and test (204 for
+enwik8). Here the token text keeps the line breaks (fairseq-preprocess reads it line by line),
+``drop_eos`` then removes every eos from the binarized data, and the dictionary is counted over
+all splits. Example: b"ab\n\ncd" -> tokens 97 98 99 100 (4 tokens for 6 bytes).
+
 The work dir keeps ``{split}.raw`` (the split's bytes) and ``{split}.txt`` (the token text that
 fairseq-preprocess reads).
 """
@@ -105,6 +113,40 @@ def drop_final_eos(prefix, dictionary):
         writer.write(sizes)
 
 
+def drop_eos(prefix, dictionary):
+    """Removes every eos from ``prefix``.{bin,idx}: each line loses its end-of-line symbol, and a
+    line that held nothing else (a blank line) disappears."""
+    from fairseq.data import indexed_dataset as ixd
+
+    idx_path, bin_path = ixd.index_file_path(str(prefix)), ixd.data_file_path(str(prefix))
+    index = ixd.MMapIndexedDataset.Index(idx_path)
+    dtype, sizes = index.dtype, np.array(index.sizes, dtype=np.int64)
+    del index
+    tokens = np.fromfile(bin_path, dtype=dtype)
+    is_eos = tokens == dictionary.eos()
+    line_of = np.repeat(np.arange(len(sizes)), sizes)
+    sizes -= np.bincount(line_of[is_eos], minlength=len(sizes))
+    with atomic_open(bin_path) as f:
+        f.write(tokens[~is_eos].tobytes())
+    with ixd.MMapIndexedDataset.Index.writer(idx_path, dtype) as writer:
+        writer.write(sizes[sizes > 0])
+
+
+def write_dictionary(splits, path):
+    """A fairseq dict.txt of the byte symbols in any of ``splits`` (newline excluded), most frequent
+    first and padded as fairseq-preprocess pads, so that no split has an <unk>."""
+    from fairseq.data import Dictionary
+
+    counts = sum(np.bincount(np.frombuffer(data, np.uint8), minlength=256) for data in splits.values())
+    counts[NEWLINE] = 0
+    dictionary = Dictionary()
+    for b in np.flatnonzero(counts):
+        dictionary.add_symbol(str(b), n=int(counts[b]))
+    dictionary.finalize(padding_factor=8)
+    dictionary.save(str(path))
+    return path
+
+
 def byte_values(dictionary):
     """Array mapping each dictionary index to its byte value (eos -> newline), -1 for others."""
     values = np.full(len(dictionary), -1, np.int16)
@@ -162,8 +204,9 @@ def verify_split(destdir, split, data):
     return {"bytes": len(data), "tokens": len(tokens), "lines": n_seq, "unk": int(is_unk.sum())}
 
 
-def binarize_bytes(splits, workdir, staged, srcdict=None, workers=DEFAULT_WORKERS):
+def binarize_bytes(splits, workdir, staged, srcdict=None, workers=DEFAULT_WORKERS, newline="eos"):
     """Byte-level binarization of ``splits`` ({split: bytes}) into ``staged``, verified.
+    ``newline``: "eos" (a newline byte is fairseq's eos) or "drop" (newline bytes are not tokens).
 
     Returns (report, work-dir files written). The report holds per-split counts and the
     dictionary size.
@@ -173,23 +216,35 @@ def binarize_bytes(splits, workdir, staged, srcdict=None, workers=DEFAULT_WORKER
             raise UserError(f"{split} split is empty")
     log(f"writing byte-token text to {workdir} ...")
     texts, written = write_split_files(splits, workdir)
+    if newline == "drop" and srcdict is None:
+        srcdict = write_dictionary(splits, Path(workdir) / "dict.txt")
+        written.append(srcdict)
     run_preprocess(texts, staged, srcdict=srcdict, workers=workers)
     dictionary = load_dictionary(staged)
     for split, data in splits.items():
-        if data[-1] != NEWLINE:
+        if newline == "drop":
+            drop_eos(Path(staged) / split, dictionary)
+        elif data[-1] != NEWLINE:
             drop_final_eos(Path(staged) / split, dictionary)
+    kept = {split: data.replace(b"\n", b"") if newline == "drop" else data for split, data in splits.items()}
     log("checking tokens == bytes and decoding the binarized data back ...")
-    rows = {split: verify_split(staged, split, data) for split, data in splits.items()}
+    rows = {split: verify_split(staged, split, data) for split, data in kept.items()}
     n_bytes = int((byte_values(dictionary) >= 0).sum()) - 1  # minus eos, counted as the newline
-    report = {"splits": rows, "dictionary": {"byte_symbols": n_bytes, "size": len(dictionary)}}
+    report = {"splits": rows, "dictionary": {"byte_symbols": n_bytes, "size": len(dictionary)},
+              "newline": newline}
     return report, written
 
 
 def print_report(destdir, report):
     """Prints the per-split counts of a byte-level report, warning about bytes mapped to <unk>."""
     d = report["dictionary"]
-    log(f"wrote {destdir} (dictionary: {d['byte_symbols']} byte symbols + newline as eos, "
-        f"{d['size']} entries with fairseq's specials); tokens == bytes in every split:")
+    if report.get("newline") == "drop":
+        log(f"wrote {destdir} (dictionary: {d['byte_symbols']} byte symbols, newline bytes dropped as in the "
+            f"papers' enwik8, {d['size']} entries with fairseq's specials); tokens == bytes other than "
+            "newline in every split:")
+    else:
+        log(f"wrote {destdir} (dictionary: {d['byte_symbols']} byte symbols + newline as eos, "
+            f"{d['size']} entries with fairseq's specials); tokens == bytes in every split:")
     print_table(report["splits"])
     for split, row in report["splits"].items():
         if row["unk"]:

@@ -6,12 +6,18 @@ file is checked against its known size and sha256 (100,000,000 bytes). The bytes
 Transformer-XL's prep_enwik8.py does: the first 90M bytes train, the next 5M valid, the last 5M
 test (for another size: the same 90/5/5 proportions, or --split-sizes).
 
-Each byte becomes one token: its decimal value ("32" for a space); a newline byte ends the line
-and becomes fairseq's eos. The dictionary is built from train (or reused with --srcdict) and every
-split is binarized by stock fairseq-preprocess. Each binarized split holds exactly as many tokens
-as the split has bytes (checked, also by decoding it back), so fairseq-eval-lm's "Loss (base 2)" is
-bits per character. See rmt_data/byte_level.py for the format, including the final line of a split
-that does not end in a newline.
+Each byte becomes one token: its decimal value ("32" for a space). Newline bytes (--newline):
+
+- drop (default): as the RMT paper's and Transformer-XL's pipeline (prep_enwik8.py, then their
+  corpus reader without an end-of-line symbol), newline bytes are not in the stream: 204 symbols
+  for enwik8, counted over all three splits, and every bpc (the paper's, Dai et al.'s 1.06) is over
+  the characters other than newline. The recipes use this.
+- eos: a newline byte ends the line and becomes fairseq's eos, a token like any other byte; the
+  dictionary is built from train. Its bpc counts the newlines too, so it is not the papers'.
+
+Every split is binarized by stock fairseq-preprocess and checked to hold exactly one token per
+kept byte (also by decoding it back), so fairseq-eval-lm's "Loss (base 2)" is bits per character.
+See rmt_data/byte_level.py for the format.
 
 Outputs: --destdir (dict.txt, {train,valid,test}.{bin,idx}, preprocess.log, prepare.json) and the
 work dir ({split}.raw bytes and {split}.txt token text). Rerunning with valid outputs does nothing.
@@ -37,7 +43,7 @@ URL = "http://mattmahoney.net/dc/enwik8.zip"
 MEMBER = "enwik8"
 SIZE = 100_000_000
 SHA256 = "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"
-FORMAT = "enwik8-bytes/1"  # bump when the output format changes
+FORMAT = "enwik8-bytes/2"  # bump when the output format changes
 
 
 def parse_args(argv=None):
@@ -54,6 +60,9 @@ def parse_args(argv=None):
                    help="required size of the raw file (default: %(default)s)")
     p.add_argument("--expected-sha256", default=SHA256, metavar="HEX",
                    help="required sha256 of the raw file (default: enwik8's)")
+    p.add_argument("--newline", choices=["drop", "eos"], default="drop",
+                   help="drop: newline bytes are not tokens, the papers' enwik8 (default); eos: a newline "
+                        "byte is fairseq's end-of-line token (bpc then counts newlines)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the size and sha256 checks (for small stand-ins of enwik8)")
     return parse_output_args(p, argv)
@@ -166,7 +175,7 @@ def main(argv=None):
         require_file(args.srcdict, "--srcdict")
     key = {"format": FORMAT, "input": fingerprint(path), "split_sizes": sizes,
            "verify": None if args.no_verify else [args.expected_size, args.expected_sha256.lower()],
-           "srcdict": fingerprint(args.srcdict)}
+           "srcdict": fingerprint(args.srcdict), "newline": args.newline}
     stamp = up_to_date(args.destdir, key, force=args.force)
     if stamp is not None:
         return report_skip(args.destdir, stamp)
@@ -182,7 +191,7 @@ def main(argv=None):
     del data
     with staging(args.destdir) as staged:
         report, written = byte_level.binarize_bytes(
-            splits, args.workdir, staged, srcdict=args.srcdict, workers=args.workers)
+            splits, args.workdir, staged, srcdict=args.srcdict, workers=args.workers, newline=args.newline)
         publish(staged, args.destdir, key, report, extra_files=written)
     byte_level.print_report(args.destdir, report)
 

@@ -141,8 +141,55 @@ def enwik8_built(standin, tmp_path_factory):
     destdir, workdir = out / "data-bin", out / "work"
     proc = run_ok("rmt-prepare-enwik8", "--input", standin["zip"], "--destdir", destdir,
                   "--workdir", workdir, "--expected-size", N_STANDIN,
-                  "--expected-sha256", standin["sha256"], "--workers", WORKERS)
+                  "--expected-sha256", standin["sha256"], "--workers", WORKERS, "--newline", "eos")
     return {"destdir": destdir, "workdir": workdir, "stdout": proc.stdout}
+
+
+@pytest.fixture(scope="module")
+def enwik8_authors(standin, tmp_path_factory):
+    """The stand-in prepared with the default, the papers' enwik8 (newline bytes dropped)."""
+    out = tmp_path_factory.mktemp("enwik8-authors")
+    destdir = out / "data-bin"
+    proc = run_ok("rmt-prepare-enwik8", "--input", standin["zip"], "--destdir", destdir,
+                  "--workdir", out / "work", "--no-verify", "--workers", WORKERS)
+    return {"destdir": destdir, "stdout": proc.stdout}
+
+
+def authors_stream(part):
+    """What the papers' pipeline makes of a split, written here from its description: each byte
+    as its number with a newline byte as a line break, read back without an end-of-line symbol,
+    so the stream is the bytes other than newline, in order."""
+    return [b for b in part if b != 10]
+
+
+def test_enwik8_default_is_the_papers_stream_without_newlines(standin, enwik8_authors):
+    for split, part in STANDIN_SPLITS.items():
+        assert list(decode_bytes(enwik8_authors["destdir"], split)) == authors_stream(standin["data"][part])
+        assert n_tokens(enwik8_authors["destdir"], split) == len(authors_stream(standin["data"][part]))
+    assert "newline bytes dropped" in enwik8_authors["stdout"]
+
+
+def test_enwik8_default_vocabulary_is_every_symbol_of_every_split(standin, enwik8_authors):
+    """The papers' reader counts train, valid and test; newline is no symbol (a byte seen only in
+    test: the next test)."""
+    from fairseq.data import Dictionary
+
+    symbols = {int(s) for s in dict_symbols(enwik8_authors["destdir"]) if not s.startswith("madeupword")}
+    assert symbols == set(standin["data"]) - {10}
+    dictionary = Dictionary.load(str(enwik8_authors["destdir"] / "dict.txt"))
+    assert dictionary.eos_word == "</s>" and "10" not in dictionary.indices
+
+
+def test_enwik8_test_only_byte_is_in_the_vocabulary(tmp_path):
+    data = (b"abc\nabd\n" * 2400)[:19_000] + b"ab\x01\n" + b"abc\n" * 249  # byte 1 only in test
+    assert len(data) == 20_000
+    (tmp_path / "enwik8").write_bytes(data)
+    destdir = tmp_path / "bin"
+    run_ok("prepare_enwik8.py", "--input", tmp_path / "enwik8", "--destdir", destdir, "--no-verify",
+           "--split-sizes", "18000,1000,1000", "--workers", WORKERS)
+    assert 1 not in data[:18_000] and 1 in data[19_000:]
+    assert "1" in dict_symbols(destdir)
+    assert list(decode_bytes(destdir, "test")) == authors_stream(data[19_000:])
 
 
 @pytest.mark.parametrize("command", ["rmt-prepare-enwik8", "rmt-prepare-wikitext"])
@@ -180,7 +227,7 @@ def test_enwik8_rerun_is_idempotent(standin, enwik8_built):
     proc = run_ok("prepare_enwik8.py", "--input", standin["zip"],
                   "--destdir", enwik8_built["destdir"],
                   "--workdir", enwik8_built["workdir"], "--expected-size", N_STANDIN,
-                  "--expected-sha256", standin["sha256"], "--workers", WORKERS)
+                  "--expected-sha256", standin["sha256"], "--workers", WORKERS, "--newline", "eos")
     assert "up to date" in proc.stdout
     assert snapshot(enwik8_built["destdir"], enwik8_built["workdir"]) == before
 
@@ -188,7 +235,7 @@ def test_enwik8_rerun_is_idempotent(standin, enwik8_built):
 def test_enwik8_raw_file_and_given_split_sizes(standin, tmp_path):
     destdir = tmp_path / "bin"
     run_ok("prepare_enwik8.py", "--input", standin["raw"], "--destdir", destdir, "--no-verify",
-           "--split-sizes", "30000,6000,4000", "--workers", WORKERS)
+           "--split-sizes", "30000,6000,4000", "--workers", WORKERS, "--newline", "eos")
     data = standin["data"]
     expected = {"train": data[:30_000], "valid": data[30_000:36_000], "test": data[36_000:]}
     for split, part in expected.items():
