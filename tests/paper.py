@@ -25,12 +25,18 @@ TRAINING = dict(optimizer="adam", adam_betas="(0.9, 0.999)", adam_eps=1e-8, weig
 MEMORY_TOKEN_LOSS = 0.01  # Tr-XL + RMT's auxiliary loss weight (appendix)
 
 
-def row(paper, seg, batch, steps, m=0, mem_len=0, bptt=0, layout="rmt", memory_token_loss=0.0, evals=()):
+def row(paper, seg, batch, steps, m=0, mem_len=0, bptt=0, layout="rmt", memory_token_loss=0.0, evals=(),
+        eval_seg=None):
     """One row of a table: the test-set number and the settings that differ between rows.
-    ``evals``: published evaluation settings besides the paper's own (training segment, no overrides)."""
+    ``eval_seg``: the authors' eval_tgt_len where it is not the training segment; their evaluation
+    then resets the cache to mem_len + seg - eval_seg (LM-RMT's train.py, evaluate()).
+    ``evals``: published evaluation settings besides the paper's own."""
+    eval_seg = eval_seg or seg
+    paper_eval = dict(tokens_per_sample=eval_seg, batch_size=10,
+                      model_overrides=dict(mem_len=mem_len + seg - eval_seg) if eval_seg != seg and mem_len else {})
     return dict(paper=paper, tokens_per_sample=seg, batch=batch, max_update=steps, num_mem_tokens=m,
                 mem_len=mem_len, bptt_depth=bptt, memory_layout=layout, memory_token_loss_weight=memory_token_loss,
-                evals=dict(evals))
+                paper_eval=paper_eval, evals=dict(evals))
 
 
 def wt103(paper, seg=150, batch=60, steps=200_000, **kw):
@@ -73,7 +79,8 @@ ENWIK8_ROWS = {  # test bits per character
     "rmt_m20_bptt1": enwik8("1.229", m=20, bptt=1),
     "rmt_m20_bptt2": enwik8("1.222", m=20, bptt=2),
     "rmt_m10_bptt2": enwik8("1.228", m=10, bptt=2),
-    "transformer_xl_seg512_mem512": enwik8("1.071", seg=512, batch=22, mem_len=512, evals={"dai_et_al": DAI_ENWIK8}),
+    "transformer_xl_seg512_mem512": enwik8("1.071", seg=512, batch=22, mem_len=512, eval_seg=128,
+                                           evals={"dai_et_al": DAI_ENWIK8}),
 }
 ROWS = {"wikitext103": WIKITEXT103_ROWS, "enwik8": ENWIK8_ROWS}
 BACKBONES = {"wikitext103": WT103_BASE, "enwik8": ENWIK8_BASE}

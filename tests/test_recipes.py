@@ -140,7 +140,8 @@ def test_script_trains_and_evaluates_exactly_the_papers_row(recorded, dataset, n
 
     evals = [parse_eval(c[1:]) for c in commands if c[0] == "fairseq-eval-lm"]
     paper = ROWS[dataset][name]
-    expected = [(paper["tokens_per_sample"], 10, {})] + [
+    own = paper["paper_eval"]
+    expected = [(own["tokens_per_sample"], own["batch_size"], own["model_overrides"])] + [
         (args["tokens_per_sample"], args["batch_size"], args["model_overrides"]) for _, args in paper["evals"].values()]
     assert [(e.tokens_per_sample, e.batch_size, eval(e.model_overrides)) for e in evals] == expected
     assert all(e.gen_subset == "test" and e.path.endswith("checkpoint_best.pt") for e in evals)
