@@ -246,3 +246,27 @@ def test_script_help_names_the_papers_numbers_and_runs_nothing(dataset, name, tm
     for number in [paper["paper"]] + [number for number, _ in paper["evals"].values()]:
         assert number in proc.stdout
     assert f"--arch {table(dataset)['rows'][name]['arch']}" in proc.stdout
+
+
+def test_reproduction_report_prints_each_evaluation_beside_the_paper(recorded, prepared, tmp_path):
+    """examples/reproduce.py runs the row's evaluations as its script does and prints ours beside the
+    published numbers; each of ours equals fairseq-eval-lm's loss for that evaluation."""
+    dataset, name = "enwik8", "transformer_xl_seg512_mem512"  # two evaluations, one with a cache override
+    commands = recorded[dataset, name]
+    train_argv = one(commands, "fairseq-train")
+    save_dir = tmp_path / "save"
+    i = train_argv.index("--save-dir")
+    train_argv = train_argv[:i + 1] + [str(save_dir)] + train_argv[i + 2:]
+    if hasattr(checkpoint_utils.save_checkpoint, "best"):
+        del checkpoint_utils.save_checkpoint.best
+    train.main(convert_namespace_to_omegaconf(parse_train(train_argv + SHRINK + SHRINK_VOCAB[dataset])))
+    checkpoint = save_dir / "checkpoint_best.pt"
+    report = run_ok([sys.executable, EXAMPLES / "reproduce.py", dataset, name, "--path", checkpoint,
+                     "--data", prepared[dataset]], cwd=tmp_path)
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    evals = [c[1:] for c in commands if c[0] == "fairseq-eval-lm"]
+    assert [r[2] for r in rows] == ["1.071", "1.06"] and len(evals) == 2
+    for row, argv in zip(rows, evals):
+        argv = [prepared[dataset], "--path", str(checkpoint)] + argv[argv.index("--path") + 2:]
+        expected = float(eval_lm.main(convert_namespace_to_omegaconf(parse_eval(argv)))["loss"])
+        assert float(row[3].rstrip(" |")) == pytest.approx(expected, abs=6e-4)
