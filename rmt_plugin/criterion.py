@@ -23,9 +23,11 @@ started with, then segment j is run and only its loss is taken. K=3, k=2::
 
 That costs k+1 forwards (and backwards) per segment instead of one. The last k segments and the
 memory each started with are carried between batches, so the depth holds across batch borders.
-The paper's code restarts that re-run from the newest, already detached memory (it assigns to
-an attribute of the tensor instead of its data), which cuts the gradient; we restart from the
-memory of k segments back, as the method describes.
+This is BPTT as the method describes it. The paper's code differs: its re-run starts from the
+newest memory, the one segment j would read (``mem_tokens.values = ...`` sets an attribute and
+leaves the tensor as it is), so in training the memory passes through segments j-k..j-1 a second
+time before segment j reads it, unlike in evaluation; the gradient still reaches k segments back.
+The paper's BPTT numbers come from that code (not offered here yet; docs/authors_model.md).
 
 ``prefix``: BPTT across batch borders at (K+k)/K forwards per segment. One chain per batch: the
 previous batch's last k segments are re-run (not scored) from the memory the oldest of them started
