@@ -39,7 +39,8 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, DictConfig, open_dict
 
-from .criterion import ChecksCriterionAgainstModel
+from .checks import ChecksCriterionAgainstModel
+from .steps import CarriedMemorySteps
 
 logger = logging.getLogger(__name__)
 
@@ -353,7 +354,7 @@ class MemoryTaskDataset(FairseqDataset):
 
 
 @register_task("rmt_memory", dataclass=MemoryTaskConfig)
-class RMTMemoryTask(ChecksCriterionAgainstModel, FairseqTask):
+class RMTMemoryTask(CarriedMemorySteps, ChecksCriterionAgainstModel, FairseqTask):
     """Generated memory-task examples (see the module docstring), read segment by segment."""
 
     def __init__(self, cfg, memory_task, dictionary):

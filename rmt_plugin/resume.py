@@ -1,10 +1,17 @@
 """Exact resume: the training streams' memory travels in the checkpoint with the stream position.
 
+The carried state. The task owns one :class:`StreamCursors`: per (train|valid, split) the index of
+the batch expected next and the state the criterion left after the batch before (memory,
+Transformer-XL cache, a schedule's history: :class:`~rmt_plugin.bptt.CarriedState`), and the
+state that batch started from, to run it again. Example, batches 0..2 of split train::
+
+    get(train, 0) -> None (fresh); put(train, 0, S1)    get(train, 1) -> S1; put(train, 1, S2, S1)
+    get(train, 1) again (a NaN-detector re-run) -> S1    get(train, 2) -> S2
+
 What is saved. ``fairseq-train`` stores the data position (the epoch iterator's state) in every
 checkpoint; :class:`~rmt_plugin.task.RMTLMTask` adds, through ``task.state_dict()``, every
-rank's training cursors: per training split, the index of the batch expected next and the
-criterion's carried state (memory, Transformer-XL cache, sliding-mode history), plus the stream
-layout they belong to. Validation memory is never saved (each validation pass starts fresh).
+rank's training cursors, plus the stream layout they belong to. Validation memory is never saved
+(each validation pass starts fresh).
 
 How it gets there and back. fairseq 0.12.2 writes ``task_state`` but ``Trainer.load_checkpoint``
 never restores it, and only rank 0 builds the checkpoint. The compat layer (``rmt_compat``, part
@@ -28,13 +35,16 @@ count. A checkpoint saved mid-epoch under other values cannot continue the same 
 checkpoint saved at an epoch end carries no cursor and resumes under any flags.
 """
 
-from typing import Any, Dict, List, Optional
+import logging
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from fairseq.distributed import utils as distributed_utils
 
-from .criterion import CarriedState
+from .bptt import CarriedState
 from .model import RMTState
+
+logger = logging.getLogger(__name__)
 
 LAYOUT_FLAGS = {
     "tokens_per_sample": "--tokens-per-sample",
@@ -114,3 +124,78 @@ def check_layout(saved: Dict[str, Any], current: Dict[str, Any], split: str):
             f"--task rmt_lm: the checkpoint was saved mid-epoch on other streams: {', '.join(changed)}; "
             "resume with the checkpoint's values, or pass --reset-dataloader to start the epoch over"
         )
+
+
+class _Cursor(NamedTuple):
+    next_index: int
+    state: Any
+    previous: Any = None  # the state batch next_index - 1 started from, to re-run it
+
+
+class _Saved(NamedTuple):
+    """A cursor's state as read from a checkpoint; made a criterion state on the device at first use."""
+
+    plain: Any
+
+
+class StreamCursors:
+    """The carried state of every stream of the task (module docstring)."""
+
+    def __init__(self):
+        self._cursors: Dict[Tuple[str, str], _Cursor] = {}
+        self._saved_layout: Optional[Dict[str, Any]] = None  # of the cursors a checkpoint restored
+
+    def get(self, role: str, split: str, index: int, device) -> Any:
+        """The state to process batch ``index`` of ``split`` with; None means fresh memory."""
+        if index == 0:
+            return None
+        cursor = self._cursors.get((role, split))
+        expected = cursor.next_index if cursor is not None else 0
+        if cursor is not None and index == expected - 1 and cursor.previous is not None:
+            # the same batch again: fairseq's NaN-detector re-run or an AMP overflow retry
+            logger.info(f"{role} batch {index} of split '{split}' again: from the memory it started with")
+            return cursor.previous
+        if index != expected:
+            logger.warning(f"{role} batch {index} of split '{split}' arrived where batch "
+                           f"{expected} was expected: starting from fresh memory")
+            return None
+        if isinstance(cursor.state, _Saved):
+            return carried_from_plain(cursor.state.plain, device)
+        return cursor.state
+
+    def put(self, role: str, split: str, index: int, batches: int, next_state: Any, state: Any = None):
+        """What batch ``index`` of ``batches`` left (``state``: what it started from)."""
+        if index + 1 < batches:
+            self._cursors[role, split] = _Cursor(index + 1, next_state, state)
+        else:
+            # Nothing follows the last batch: free its memory (a Transformer-XL cache can be
+            # large) instead of holding it through validation or the next epoch.
+            self._cursors.pop((role, split), None)
+
+    def state_dict(self, layout: Dict[str, Any]) -> Dict[str, Any]:
+        """Every rank's training cursors and their stream ``layout``. Called on every data-parallel
+        rank at each checkpoint save; the result is the same on all."""
+        local = {split: {"next_index": cursor.next_index, "state": _plain(cursor.state)}
+                 for (role, split), cursor in self._cursors.items() if role == "train"}
+        return {"layout": layout, "ranks": gather_ranks(local)}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]):
+        """Take back this rank's training cursors from a checkpoint's :meth:`state_dict`."""
+        if not state_dict.get("ranks"):
+            return
+        rank, _ = data_parallel_rank_and_size()
+        own = state_dict["ranks"][rank] if rank < len(state_dict["ranks"]) else {}
+        for split, cursor in own.items():
+            self._cursors["train", split] = _Cursor(cursor["next_index"], _Saved(cursor["state"]))
+        self._saved_layout = state_dict["layout"]
+
+    def check_layout(self, split: str, current: Dict[str, Any]):
+        """Refuse restored cursors of ``split`` that belong to other streams (checked once, when
+        fairseq builds the training iterator right after loading the checkpoint)."""
+        saved, self._saved_layout = self._saved_layout, None
+        if saved is not None and ("train", split) in self._cursors:
+            check_layout(saved, current, split)
+
+
+def _plain(state):
+    return state.plain if isinstance(state, _Saved) else carried_to_plain(state)

@@ -29,22 +29,22 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
 from fairseq import utils
 from fairseq.data import Dictionary, FairseqDataset, data_utils, iterators
 from fairseq.dataclass import FairseqDataclass
-from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
-from .criterion import ChecksCriterionAgainstModel
+from .checks import ChecksCriterionAgainstModel
 from .diagnostics import StreamDiagnostics, diagnose_batch
 from .epoch_schedule import at_epoch, parse_schedule
 from .model import RMTLanguageModel
-from .resume import carried_from_plain, carried_to_plain, check_layout, data_parallel_rank_and_size, gather_ranks
+from .steps import CarriedMemorySteps
+from .resume import StreamCursors, data_parallel_rank_and_size
 
 logger = logging.getLogger(__name__)
 
@@ -186,20 +186,8 @@ class StreamBatches(FairseqDataset):
         }
 
 
-class _Cursor(NamedTuple):
-    next_index: int
-    state: Any
-    previous: Any = None  # the state batch next_index - 1 started from, to re-run it
-
-
-class _Saved(NamedTuple):
-    """A cursor's state as read from a checkpoint; made a criterion state on the device at first use."""
-
-    plain: Any
-
-
 @register_task("rmt_lm", dataclass=RMTLMConfig)
-class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
+class RMTLMTask(CarriedMemorySteps, ChecksCriterionAgainstModel, FairseqTask):
     def __init__(self, cfg: RMTLMConfig):
         super().__init__(cfg)
         _check_positive(cfg.tokens_per_sample, "--tokens-per-sample")
@@ -209,7 +197,6 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         # K per epoch (epoch_schedule.py); the criterion reads it too
         self.segment_schedule = (parse_schedule(cfg.segments_per_sample_schedule, "--segments-per-sample-schedule", 1)
                                  or [cfg.segments_per_sample])
-        self._epoch = 1  # the training epoch running
         _check_batch_size(cfg.batch_size)
         paths = utils.split_paths(cfg.data)
         dict_path = os.path.join(paths[0], "dict.txt")
@@ -218,8 +205,7 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
                                     "fairseq-preprocess output directory)")
         self.dictionary = Dictionary.load(dict_path)
         logger.info(f"dictionary: {len(self.dictionary)} types")
-        self._cursors: Dict[Tuple[str, str], _Cursor] = {}
-        self._saved_layout: Optional[Dict[str, Any]] = None  # of the cursors a checkpoint restored
+        self.cursors = StreamCursors()  # the carried state of every stream (rmt_plugin/resume.py)
 
     @property
     def source_dictionary(self):
@@ -247,15 +233,6 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
             raise ValueError(f"--task rmt_lm carries memory between segments and needs an rmt, rmt_* or "
                              f"transformer_xl_* --arch, not --arch {cfg._name}")
         return super().build_model(cfg, from_checkpoint)
-
-    def build_criterion(self, cfg):
-        criterion = super().build_criterion(cfg)
-        if not callable(getattr(criterion, "forward_with_state", None)):
-            name = getattr(cfg, "_name", None) or type(criterion).__name__
-            raise ValueError(f"--task rmt_lm carries memory between batches and needs a "
-                             f"criterion with forward_with_state (e.g. --criterion rmt_lm), "
-                             f"not --criterion {name}")
-        return criterion
 
     def get_batch_iterator(self, dataset, max_sentences=None, num_shards=1, shard_id=0,
                            num_workers=0, epoch=1, data_buffer_size=0,
@@ -295,99 +272,27 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         # every batch, and the memory would never get from one batch to the next.
         return self._iterator(batches, 0, 1, data_buffer_size).next_epoch_itr(shuffle=False)
 
-    def begin_epoch(self, epoch, model):
-        super().begin_epoch(epoch, model)
-        self._epoch = epoch
+    def valid_diagnostics(self, sample, model, state) -> dict:
+        if not self.cfg.memory_diagnostics:
+            return {}
+        return diagnose_batch(model, sample, state.model_state if state is not None else None,
+                              self.cfg.tokens_per_sample, sample["stream"]["width"] // self.cfg.tokens_per_sample)
 
-    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        """FairseqTask.train_step, with the memory carried over from the previous batch."""
-        model.train()
-        model.set_num_updates(update_num)
-        # A dummy batch (ignore_grad) only keeps a rank in step with the others: its forward
-        # must not depend on the stream's memory, nor move it.
-        state = None if ignore_grad else self._resume("train", sample)
-        sample["stream"]["update"] = update_num  # for the criterion's messages
-        sample["stream"]["epoch"] = self._epoch  # for --bptt-depth-schedule
-
-        def backward(objective):
-            # The criterion back-propagates each chain of segments as soon as it has run (several
-            # backwards per batch; gradients accumulate, legacy_ddp reduces them after the step).
-            with torch.autograd.profiler.record_function("backward"), torch.autocast("cuda", enabled=False):
-                optimizer.backward(objective * 0 if ignore_grad else objective)
-
-        with torch.autograd.profiler.record_function("forward"):
-            with torch.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):
-                loss, sample_size, logging_output, next_state = criterion.forward_with_state(
-                    model, sample, state, backward=backward
-                )
-        if ignore_grad:
-            loss *= 0
-        else:
-            self._remember("train", sample, next_state, state)
-        return loss, sample_size, logging_output
-
-    def valid_step(self, sample, model, criterion):
-        model.eval()
-        state = self._resume("valid", sample)
-        with torch.no_grad():
-            loss, sample_size, logging_output, next_state = criterion.forward_with_state(model, sample, state)
-            if self.cfg.memory_diagnostics:
-                logging_output.update(diagnose_batch(
-                    model, sample, state.model_state if state is not None else None,
-                    self.cfg.tokens_per_sample, sample["stream"]["width"] // self.cfg.tokens_per_sample,
-                ))
-        self._remember("valid", sample, next_state)
-        return loss, sample_size, logging_output
-
-    def _resume(self, role: str, sample) -> Any:
-        """The memory state to process *sample* with; None means fresh memory."""
-        split, index = sample["stream"]["split"], sample["stream"]["index"]
-        if index == 0:
-            return None
-        cursor = self._cursors.get((role, split))
-        expected = cursor.next_index if cursor is not None else 0
-        if cursor is not None and index == expected - 1 and cursor.previous is not None:
-            # the same batch again: fairseq's NaN-detector re-run or an AMP overflow retry
-            logger.info(f"{role} batch {index} of split '{split}' again: from the memory it started with")
-            return cursor.previous
-        if index != expected:
-            logger.warning(f"{role} batch {index} of split '{split}' arrived where batch "
-                           f"{expected} was expected: starting from fresh memory")
-            return None
-        if isinstance(cursor.state, _Saved):
-            return carried_from_plain(cursor.state.plain, sample["target"].device)
-        return cursor.state
-
-    def _remember(self, role: str, sample, next_state: Any, state: Any = None):
+    def carried_state(self, role: str, sample) -> Any:
         stream = sample["stream"]
-        key = (role, stream["split"])
-        if stream["index"] + 1 < stream["batches"]:
-            self._cursors[key] = _Cursor(stream["index"] + 1, next_state, state)
-        else:
-            # Nothing follows the last batch: free its memory (a Transformer-XL cache can be
-            # large) instead of holding it through validation or the next epoch.
-            self._cursors.pop(key, None)
+        return self.cursors.get(role, stream["split"], stream["index"], sample["target"].device)
+
+    def keep_state(self, role: str, sample, next_state: Any, state: Any = None):
+        stream = sample["stream"]
+        self.cursors.put(role, stream["split"], stream["index"], stream["batches"], next_state, state)
 
     def state_dict(self):
-        """Every rank's training cursors, for an exact resume (see :mod:`rmt_plugin.resume`).
-
-        Called on every data-parallel rank at each checkpoint save; the result is the same on all.
-        """
-        local = {split: {"next_index": cursor.next_index, "state": _plain_state(cursor.state)}
-                 for (role, split), cursor in self._cursors.items() if role == "train"}
-        segments = at_epoch(self.segment_schedule, self._epoch)
-        return {"layout": self._layout(self.cfg.batch_size, data_parallel_rank_and_size()[1], segments),
-                "ranks": gather_ranks(local)}
+        """Every rank's training cursors, for an exact resume (see :mod:`rmt_plugin.resume`)."""
+        segments = at_epoch(self.segment_schedule, self.training_epoch)
+        return self.cursors.state_dict(self._layout(self.cfg.batch_size, data_parallel_rank_and_size()[1], segments))
 
     def load_state_dict(self, state_dict):
-        """Take back this rank's training cursors from a checkpoint's :meth:`state_dict`."""
-        if not state_dict.get("ranks"):
-            return
-        rank, _ = data_parallel_rank_and_size()
-        own = state_dict["ranks"][rank] if rank < len(state_dict["ranks"]) else {}
-        for split, cursor in own.items():
-            self._cursors[("train", split)] = _Cursor(cursor["next_index"], _Saved(cursor["state"]))
-        self._saved_layout = state_dict["layout"]
+        self.cursors.load_state_dict(state_dict)
 
     def _check_valid_splits(self, num_shards):
         """fairseq loads the validation splits at start-up but batches them only at the first
@@ -407,11 +312,7 @@ class RMTLMTask(ChecksCriterionAgainstModel, FairseqTask):
         }
 
     def _check_saved_layout(self, dataset, batch_size, num_shards, segments):
-        """Refuse restored cursors of ``dataset`` that belong to other streams (checked once, when
-        fairseq builds the training iterator right after loading the checkpoint)."""
-        saved, self._saved_layout = self._saved_layout, None
-        if saved is not None and ("train", dataset.split) in self._cursors:
-            check_layout(saved, self._layout(batch_size, num_shards, segments), dataset.split)
+        self.cursors.check_layout(dataset.split, self._layout(batch_size, num_shards, segments))
 
     @staticmethod
     def _iterator(batches, num_workers, epoch, data_buffer_size, skip_remainder_batch=False):
@@ -433,10 +334,6 @@ def _check_streams(stream: TokenStream, batch_size, num_shards, flag="--batch-si
             f"split '{stream.split}' has {len(stream)} tokens, fewer than the {batch_size * num_shards} streams "
             f"asked for ({flag} {batch_size} x {num_shards} data-parallel ranks)"
         )
-
-
-def _plain_state(state):
-    return state.plain if isinstance(state, _Saved) else carried_to_plain(state)
 
 
 def _check_positive(value, flag):

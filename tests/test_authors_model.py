@@ -28,6 +28,7 @@ from fairseq.data import Dictionary
 from omegaconf import OmegaConf
 
 import rmt_plugin  # noqa: F401  (registers the "rmt" model with fairseq)
+from rmt_plugin.criterion import RMTLMCriterion
 from rmt_plugin.model import RMTConfig
 
 with warnings.catch_warnings():
@@ -238,7 +239,7 @@ class AuthorsRMT:
     not reading the cache), sequence-first, reading the weights of our model by name."""
 
     def __init__(self, ours, num_mem_tokens, mem_len, dropout=None):
-        self.w = {k: v for k, v in ours.state_dict().items()}
+        self.w = dict(ours.named_parameters())  # the same tensors: gradients land on ours
         self.m, self.mem_len = num_mem_tokens, mem_len
         self.n_layer, self.d, self.h, self.dh = (BACKBONE[k] for k in ("n_layer", "d_model", "n_head", "d_head"))
         self.dropout = dropout or (lambda x: x)
@@ -285,7 +286,7 @@ class AuthorsRMT:
         h = self.dropout(h)
         new_cache = None
         if self.mem_len:
-            new_cache = [(x if cache is None else torch.cat([cache[i], x]))[-self.mem_len:]
+            new_cache = [(x if cache is None else torch.cat([cache[i], x]))[-self.mem_len:].detach()
                          for i, x in enumerate(inputs)]
         logits = h[m:m + seg_len] @ self.w["decoder.embed_tokens.weight"].T + self.w["decoder.out_bias"]
         return logits.log_softmax(-1), new_cache, (h[-m:] if m else None)
@@ -298,6 +299,93 @@ RMT_CASES = {  # (m, mem_len, segment length)
     "Tr-XL + RMT, cache > sequence": (2, 15, 4),
     "Transformer-XL": (0, 6, 6),
 }
+
+
+def authors_training(authors, batches, depth):
+    """LM-RMT's train() loop, one segment per batch: per batch the gradients of its mean loss, and
+    its log-probabilities. The memory is the previous batch's output, detached (the first batch:
+    the learned start memory). With depth k the last k batches are kept with the cache each
+    started with and re-run, losses discarded, from that newest memory, each with its own cache;
+    the batch then runs from the memory and the cache of the last re-run."""
+    kept, memory, cache, steps = [], None, None, []
+    for tokens in batches:
+        for p in authors.w.values():
+            p.grad = None
+        kept = (kept + [(tokens, cache)])[-(depth + 1):]
+        m = authors.start_memory() if memory is None else memory.detach()
+        c = cache
+        for past_tokens, past_cache in kept[:-1]:
+            _, c, m = authors.segment(past_tokens, past_cache, m)
+        lprobs, cache, memory = authors.segment(tokens, c, m)
+        lprobs.gather(-1, targets_of(tokens)[..., None]).mean().neg().backward()
+        steps.append((lprobs.detach(), {k: p.grad.clone() for k, p in authors.w.items() if p.grad is not None}))
+    return steps
+
+
+def targets_of(tokens):
+    """Each segment's targets: here the tokens themselves, reversed in the vocabulary (any fixed
+    function of the batch would do; both sides score the same targets)."""
+    return VOCAB - 1 - tokens
+
+
+def our_training(ours, batches, depth, mode="authors"):
+    """The same batches through our criterion's training entrance (rmt_lm's train_step calls it
+    this way), one segment per batch, the state carried from batch to batch."""
+    dictionary = ours.decoder.dictionary
+    task = SimpleNamespace(target_dictionary=dictionary, source_dictionary=dictionary,
+                           cfg=SimpleNamespace(tokens_per_sample=batches[0].size(0)))
+    criterion = RMTLMCriterion(task, bptt_depth=depth, bptt_mode=mode)
+    carried, steps = None, []
+    for tokens in batches:
+        ours.zero_grad(set_to_none=True)
+        sample = {"net_input": {"src_tokens": tokens.T}, "target": targets_of(tokens).T}
+        lprobs = []
+        hook = ours.decoder.register_forward_hook(lambda mod, args, out: lprobs.append(out[0]))
+        _, n_targets, _, carried = criterion.forward_with_state(ours, sample, carried,
+                                                                backward=lambda objective: objective.backward())
+        hook.remove()
+        grads = {k: p.grad / n_targets for k, p in ours.named_parameters() if p.grad is not None}
+        steps.append((lprobs[-1].detach().log_softmax(-1).transpose(0, 1), grads))
+    return steps
+
+
+BPTT_CASES = {  # (m, mem_len, segment length, depth)
+    "RMT, BPTT-1": (3, 0, 5, 1),
+    "RMT, BPTT-2": (3, 0, 5, 2),
+    "Tr-XL + RMT, BPTT-2": (2, 4, 5, 2),
+}
+
+
+def compare_training(case, mode="authors"):
+    m, mem_len, seg_len, depth = BPTT_CASES[case]
+    ours = build_ours(VOCAB, num_mem_tokens=m, mem_len=mem_len, adaptive_softmax_cutoff=None).train()
+    randomise(ours)
+    batches = [tokens.T.contiguous() for tokens in stream(VOCAB, seg_len, 5)]  # [T, B], one per batch
+    reference = authors_training(AuthorsRMT(ours, m, mem_len), batches, depth)
+    mine = our_training(ours, batches, depth, mode)
+    worst = 0.0
+    for (ref_lp, ref_grads), (our_lp, our_grads) in zip(reference, mine):
+        worst = max(worst, (ref_lp - our_lp).abs().max().item())
+        for name in set(ref_grads) | set(our_grads):  # a gradient only one side has counts in full
+            ref_g, our_g = ref_grads.get(name), our_grads.get(name)
+            ref_g = torch.zeros_like(our_g) if ref_g is None else ref_g
+            our_g = torch.zeros_like(ref_g) if our_g is None else our_g
+            worst = max(worst, (ref_g - our_g).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("case", list(BPTT_CASES))
+def test_authors_bptt_mode_is_the_authors_training_loop(case):
+    """--bptt-mode authors: log-probabilities and every gradient of five training steps equal the
+    authors' loop (the re-run from the newest memory, each re-run with its own cache)."""
+    assert compare_training(case) <= TOL
+
+
+@pytest.mark.parametrize("case", list(BPTT_CASES))
+def test_our_sliding_bptt_is_not_the_authors_loop(case):
+    """The oracle can tell: BPTT as the method describes it (the re-run from the memory the oldest
+    re-run segment started with) gives other gradients."""
+    assert compare_training(case, mode="sliding") > 1e-4
 
 
 @torch.no_grad()
@@ -358,3 +446,24 @@ def test_the_paper_initialisation():
     assert 0.9 < start.std().item() < 1.1
     gains = torch.cat([ours.decoder.layers[0].attn_norm.weight, ours.decoder.layers[1].ff_norm.weight])
     assert abs(gains.mean().item() - 1) < 0.01 and 0.015 < gains.std().item() < 0.025
+
+
+def test_validation_carries_the_memory_plainly_as_the_authors_evaluate():
+    """In validation (eval mode, no autograd) the authors' schedule re-runs nothing: batch after
+    batch the losses are those of the authors' evaluation, the memory read once per segment."""
+    m, mem_len, seg_len, depth = BPTT_CASES["Tr-XL + RMT, BPTT-2"]
+    ours = build_ours(VOCAB, num_mem_tokens=m, mem_len=mem_len, adaptive_softmax_cutoff=None)
+    randomise(ours)
+    authors = AuthorsRMT(ours, m, mem_len)
+    dictionary = ours.decoder.dictionary
+    task = SimpleNamespace(target_dictionary=dictionary, source_dictionary=dictionary,
+                           cfg=SimpleNamespace(tokens_per_sample=seg_len))
+    criterion = RMTLMCriterion(task, bptt_depth=depth, bptt_mode="authors")
+    carried, cache, memory = None, None, authors.start_memory()
+    with torch.no_grad():
+        for tokens in stream(VOCAB, seg_len, 4):
+            sample = {"net_input": {"src_tokens": tokens}, "target": targets_of(tokens)}
+            loss, _, _, carried = criterion.forward_with_state(ours.eval(), sample, carried)
+            lprobs, cache, memory = authors.segment(tokens.T, cache, memory)
+            expected = -lprobs.gather(-1, targets_of(tokens).T[..., None]).sum()
+            assert abs(loss.item() - expected.item()) <= TOL * abs(expected.item())

@@ -61,7 +61,7 @@ def train_batch(criterion, model, sample, carried, per_chain):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("mode", ["chunk", "sliding", "prefix"])
+@pytest.mark.parametrize("mode", ["chunk", "sliding", "prefix", "authors"])
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
 @pytest.mark.parametrize("replay", [False, True])
 def test_gradients_equal_one_backward_of_the_summed_loss(variant, mode, depth, replay):
@@ -100,7 +100,7 @@ def test_peak_activations_follow_the_chain_not_the_batch():
     assert peak_saved_bytes(6, depth=1, replay=False) == peak_saved_bytes(2, depth=1, replay=False)
 
 
-@pytest.mark.parametrize("mode", ["chunk", "sliding", "prefix"])
+@pytest.mark.parametrize("mode", ["chunk", "sliding", "prefix", "authors"])
 def test_memory_replay_peak_does_not_grow_with_depth(mode):
     plain = peak_saved_bytes(5, depth=4, replay=False, mode=mode)
     replay = peak_saved_bytes(5, depth=4, replay=True, mode=mode)

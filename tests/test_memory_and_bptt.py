@@ -344,8 +344,8 @@ def test_depth_schedule_sets_the_depth_of_each_epoch():
             grad = _embedding_grad_rows(model, objective)
             reached.append([i for i in range(4) if grad[segment_ids(i)].abs().sum() > 0])
 
-        sample["stream"] = {"epoch": epoch, "width": 4 * SEG_LEN}
-        _, _, log, _ = criterion.forward_with_state(model, sample, None, backward=backward)
+        sample["stream"] = {"width": 4 * SEG_LEN}
+        _, _, log, _ = criterion.forward_with_state(model, sample, None, backward=backward, epoch=epoch)
         assert reached == chains, epoch
         assert (log["bptt_depth"], log["segments_per_sample"]) == ((0, 4) if epoch == 1 else (3, 4))
 

@@ -420,3 +420,43 @@ def test_curriculum_through_fairseq_train(tmp_path):
     tests = [json.loads(line[line.index("{"):]) for line in log.splitlines() if "| test |" in line]
     assert [float(e["test_curriculum_source_len"]) for e in tests] == [3, 3, 3], log[-3000:]
     assert "curriculum: validation exact match" in log and "source length 2 -> 3 from epoch 2" in log
+
+
+class BackwardOptimizer:
+    """What train_step needs of fairseq's optimizer: ``backward`` (no loss scaling here)."""
+
+    @staticmethod
+    def backward(loss):
+        loss.backward()
+
+
+@pytest.mark.parametrize("depth", [2, 5])
+def test_memory_replay_works_on_memory_tasks_as_on_lm_streams(depth):
+    """rmt_memory trains through the criterion's entrance with per-chain backward, so --memory-replay
+    gives the plain schedule's gradients (float64, dropout on) at a lower peak of saved activations
+    (12 segments)."""
+    from rmt_plugin.measure import saved_tensor_peak
+
+    results = {}
+    for replay in (False, True):
+        flags = ["--task", "rmt_memory", "--memory-task", "copy", "--source-len", "24", "--copy-repeats", "1",
+                 "--tokens-per-sample", "4", "--train-size", "8", "--valid-size", "8", "--test-size", "8",
+                 "--arch", "rmt_tiny", "--dropout", "0.1", "--criterion", "rmt_lm", "--bptt-depth", str(depth),
+                 "--seed", "1"] + (["--memory-replay"] if replay else [])
+        torch.manual_seed(0)
+        task, model, criterion = build(*flags)
+        model = model.double()  # float64: the two orders of summation agree to rounding
+        dataset = load(task, "train")
+        sample = dataset.collater([dataset[i] for i in range(4)])
+        torch.manual_seed(3)
+        with saved_tensor_peak() as meter:
+            loss, _, _ = task.train_step(sample, model, criterion, BackwardOptimizer(), update_num=0)
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[replay] = loss, grads, meter["peak"]
+    (plain_loss, plain_grads, plain_peak), (replay_loss, replay_grads, replay_peak) = results[False], results[True]
+    assert sample["net_input"]["src_tokens"].size(1) == 12 * 4  # 12 segments of 4
+    torch.testing.assert_close(replay_loss, plain_loss)
+    assert plain_grads.keys() == replay_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(replay_grads[name], grad, rtol=0, atol=1e-9, msg=name)
+    assert replay_peak < 0.6 * plain_peak, (replay_peak, plain_peak)

@@ -207,7 +207,7 @@ class RecordingCriterion:
     def __init__(self):
         self.calls = []  # (split, index, received state, returned state)
 
-    def forward_with_state(self, model, sample, state, backward=None):
+    def forward_with_state(self, model, sample, state, backward=None, epoch=1):
         if state is not None and not model.training:
             # A criterion may update its memory in place: a validation pass must never be
             # handed the training memory.
