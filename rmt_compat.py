@@ -24,13 +24,21 @@ What is restored, and why (see also docs in the project README):
    both are fixed inside hydra's own modules.
 4. ``--user-dir NAME`` also accepts an installed package name (e.g. ``--user-dir rmt_plugin``
    from any directory), not only a path.
-5. fairseq 0.12.2 bugs that break long runs (fixed for every task, not only ours):
+5. fairseq behaviour that rmt_plugin relies on (``RELIED_ON``; the plugin checks at start-up that
+   it is active and stops with one line if not, see ``rmt_plugin/checks.py``):
 
    - the task state is saved in checkpoints (``task_state``) but never restored on resume: it is
      now also handed back through ``extra_state`` (the same object, pickled once) and given to
-     ``task.load_state_dict`` on every rank, unless ``--reset-dataloader`` starts the data over;
+     ``task.load_state_dict`` on every rank, unless ``--reset-dataloader`` starts the data over
+     (the carried memory and the stream position of an exact resume);
    - only the saving rank builds the checkpoint state, so a task cannot gather the other
      data-parallel ranks' state: every rank now builds it at each save;
+   - a model that runs several forwards per backward (``several_forwards_per_backward``, e.g.
+     RMT's segments) gets fairseq's legacy_ddp, which reduces the gradients after the backward,
+     whatever ``--ddp-backend`` says (torch's DDP allows one forward per backward).
+
+6. Other fairseq 0.12.2 bugs that break long runs (fixed for every task, not only ours):
+
    - ``checkpoint_last.pt`` / ``checkpoint_best.pt`` were copied in place, so a kill during the
      copy left a truncated file that the rerun dies on: copies now go to a temporary file that
      replaces the target atomically, and a rerun whose last checkpoint is unreadable falls back
@@ -38,9 +46,7 @@ What is restored, and why (see also docs in the project README):
    - data parallel on the CPU: ``--distributed-world-size N --cpu`` asserted N GPUs, and with
      ``torchrun`` the default nccl backend and DDP's ``device_ids`` need GPUs. On the CPU the
      backend is now gloo, ``fairseq-train`` spawns N local processes (on ``--distributed-port``
-     when given, outside SLURM) and DDP gets no device ids; a model that runs several forwards
-     per backward (``several_forwards_per_backward``, e.g. RMT's segments) gets fairseq's
-     legacy_ddp, which reduces the gradients after the backward, whatever ``--ddp-backend`` says;
+     when given, outside SLURM) and DDP gets no device ids;
      resuming with several ranks failed in ``broadcast_object`` (torch >= 2.6 loads with
      ``weights_only=True``; the bytes come from rank 0 of the same job and hold omegaconf objects);
    - an ``--arch`` whose config interpolates a key the ``--task`` lacks (``--task rmt_lm --arch
@@ -61,6 +67,13 @@ ENV_SWITCH = "RMT_FAIRSEQ_COMPAT"
 OLD_CODE_PACKAGES = ("fairseq", "fairseq_cli", "hydra")
 
 _TRIGGERS = frozenset(OLD_CODE_PACKAGES)
+
+# Part 5, what rmt_plugin relies on: name -> (the patched module, the marker the patch sets there).
+RELIED_ON = {
+    "task state restored on resume": ("fairseq.trainer", "_rmt_compat_task_state"),
+    "legacy_ddp for several forwards per backward": ("fairseq.models.distributed_fairseq_model",
+                                                     "_rmt_compat_several_forwards"),
+}
 
 
 def enabled():
@@ -206,7 +219,7 @@ def _fix_fairseq_utils(module):
     module.import_user_module = import_user_module
 
 
-# ---------------------------------------------------------------- 5. long-run fixes
+# ---------------------------------------------------------------- 5. what rmt_plugin relies on (and 6.)
 def _fix_fairseq_trainer(module):
     Trainer = module.Trainer
     stock_state_dict, stock_load = Trainer.state_dict, Trainer.load_checkpoint
@@ -232,6 +245,7 @@ def _fix_fairseq_trainer(module):
     Trainer.state_dict = state_dict
     Trainer.load_checkpoint = load_checkpoint
     Trainer.always_call_state_dict_during_save_checkpoint = property(always_call_state_dict_during_save_checkpoint)
+    setattr(module, RELIED_ON["task state restored on resume"][1], True)
 
 
 def _atomic_copy(stock_copy):
@@ -434,6 +448,7 @@ def _fix_fairseq_distributed_model(module):
 
     module.DistributedDataParallel = DistributedDataParallel
     module.DistributedFairseqModel = DistributedFairseqModel
+    setattr(module, RELIED_ON["legacy_ddp for several forwards per backward"][1], True)
 
 
 def _fix_fairseq_dataclass_utils(module):

@@ -19,16 +19,13 @@ not the losses). Both are logged (``segments_per_sample``, ``bptt_depth``) while
 
 from typing import List, Optional
 
+from .flags import int_list
+
 
 def parse_schedule(spec: Optional[str], flag: str, minimum: int) -> List[int]:
     """The values of a schedule flag ([] when unset), with a one-line error naming ``flag``."""
-    if spec is None or str(spec).strip() == "":
-        return []
-    try:
-        values = [int(value) for value in str(spec).split(",")]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated integers, one per epoch, got {spec!r}")
-    if min(values) < minimum:
+    values = int_list(spec, flag, ", one per epoch")
+    if values and min(values) < minimum:
         raise ValueError(f"{flag} values must be >= {minimum}, got {spec!r}")
     return values
 

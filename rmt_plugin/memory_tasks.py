@@ -40,6 +40,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, DictConfig, open_dict
 
 from .checks import ChecksCriterionAgainstModel
+from .flags import int_list
 from .steps import CarriedMemorySteps
 
 logger = logging.getLogger(__name__)
@@ -190,12 +191,9 @@ def check_sizes(cfg):
 
 def parse_curriculum(cfg) -> List[int]:
     """The source lengths of ``--curriculum-source-len`` ([] without one), with one-line errors."""
-    if not cfg.curriculum_source_len:
+    lengths = int_list(cfg.curriculum_source_len, "--curriculum-source-len")
+    if not lengths:
         return []
-    try:
-        lengths = [int(x) for x in str(cfg.curriculum_source_len).split(",")]
-    except ValueError:
-        raise ValueError(f"--curriculum-source-len must be comma-separated integers, got {cfg.curriculum_source_len!r}")
     if lengths[0] < 1 or any(b <= a for a, b in zip(lengths, lengths[1:])):
         raise ValueError(f"--curriculum-source-len must be positive and increasing, got {cfg.curriculum_source_len!r}")
     if not 0 < cfg.curriculum_threshold <= 1:

@@ -43,9 +43,11 @@ Where cached keys sit (``--cache-distance``), cache c0 c1, m=2, segment x0 x1::
                 2  3  2  3  4  5  6  7    sees the cache as a Transformer-XL without memory does
 
 With ``sequence`` the read block shifts every segment-to-cache distance by m, so what relative
-attention learns within a segment does not carry over to the cache: at byte level, T=32, m=8,
-Tr-XL + RMT's cache gain falls from Transformer-XL's 0.16 to 0.05 bits/char; with ``stream`` it
-keeps 0.13 (docs/memory_in_lm.md, section 2d).
+attention learns within a segment does not carry over to the cache (measured in
+docs/memory_in_lm.md, section 2d). The paper's code uses ``sequence``, with a cache of the last
+``mem_len`` positions of ``[read; segment; write]`` (``--cache-content sequence``); our default
+caches segment positions only. docs/authors_model.md lists every option where the paper's code
+and our defaults differ.
 
 Attention runs through ``F.scaled_dot_product_attention`` with the position scores and the -inf
 mask added into one float ``attn_mask``, so a fused kernel that takes a float mask can run: on the
@@ -67,6 +69,7 @@ from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
 
 from .adaptive import TransformerXLAdaptiveInput, TransformerXLAdaptiveSoftmax, fairseq_target_log_prob
+from .flags import int_list
 
 MEMORY_LAYOUTS = ChoiceEnum(["rmt", "memtr"])
 WRITE_INPUTS = ChoiceEnum(["memory", "learned"])
@@ -245,12 +248,7 @@ def check_config(cfg: RMTConfig, vocab_size: int):
 
 
 def parse_cutoffs(spec: Optional[str]) -> List[int]:
-    if not spec:
-        return []
-    try:
-        cutoffs = [int(c) for c in str(spec).split(",") if c.strip()]
-    except ValueError:
-        raise ValueError(f"--adaptive-softmax-cutoff must be comma-separated integers, got {spec!r}")
+    cutoffs = int_list(spec, "--adaptive-softmax-cutoff")
     if cutoffs != sorted(set(cutoffs)):
         raise ValueError(f"--adaptive-softmax-cutoff must be strictly increasing, got {spec!r}")
     return cutoffs
@@ -726,9 +724,9 @@ def _register_family(name, backbone, rmt_mem, xl_mem):
 
 
 # At these widths Transformer-XL's post-LayerNorm and init std 0.02 (tuned for d_model 410-512) leave
-# the memory unlearned: every residual branch adds ~0.02^2 * d_model of its input (2.5% at d_model 64),
-# so a written memory barely depends on its segment and, fed back, is 6x the norm of the token
-# embeddings. Pre-LayerNorm with init std 0.1 learns it (docs/memory_in_lm.md has the evidence).
+# the memory unlearned: every residual branch adds ~0.02^2 * d_model of its input, so a written
+# memory barely depends on its segment. Pre-LayerNorm with init std 0.1 learns it (the evidence is
+# in docs/memory_in_lm.md).
 SMALL_SCALE = dict(pre_lnorm=True, init_std=0.1)
 
 

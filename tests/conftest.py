@@ -1,12 +1,20 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures and helpers: corpora and data-bins, a stand-in task for the engine and
+the model (``make_task``, ``make_model``), an ``rmt_lm`` task over a small data dir
+(``make_stream_task``, the ``data`` fixture), and running a fairseq command (``run_cli``)."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from fairseq.data import Dictionary, indexed_dataset
+
+from rmt_plugin.model import RMTConfig, RMTLanguageModel
+from rmt_plugin.task import RMTLMConfig, RMTLMTask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,3 +56,87 @@ def tiny_data_bin(tmp_path_factory):
                     "--validpref", "valid.txt", "--testpref", "test.txt", "--destdir", "bin", "--workers", "1"],
                    cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True)
     return root / "bin"
+
+
+# --------------------------------------------------------------------------- model and engine
+SEG_LEN = 3
+
+
+def make_task(vocab_size=40):
+    dictionary = Dictionary()
+    for i in range(vocab_size - len(dictionary)):
+        dictionary.add_symbol(f"w{i}")
+    return SimpleNamespace(
+        source_dictionary=dictionary, target_dictionary=dictionary,
+        cfg=SimpleNamespace(tokens_per_sample=SEG_LEN),
+    )
+
+
+def make_model(task, num_mem_tokens=2, mem_len=0, layout="rmt", tie=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = RMTConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.0,
+                    num_mem_tokens=num_mem_tokens, mem_len=mem_len, memory_layout=layout,
+                    tie_weights=tie)
+    return RMTLanguageModel.build_model(cfg, task).eval()
+
+
+
+# --------------------------------------------------------------------------- rmt_lm over a data dir
+VOCAB = 300
+
+
+def make_dictionary():
+    d = Dictionary()
+    for k in range(VOCAB):
+        d.add_symbol(f"w{k}")
+    return d
+
+
+def write_split(data_dir, split, lines, dictionary):
+    """Binarize ``lines`` (lists of token ids) the way fairseq-preprocess does (mmap)."""
+    prefix = os.path.join(data_dir, split)
+    builder = indexed_dataset.make_builder(prefix + ".bin", "mmap", vocab_size=len(dictionary))
+    for line in lines:
+        builder.add_item(torch.IntTensor(line))
+    builder.finalize(prefix + ".idx")
+
+
+def distinct_lines(dictionary, n_tokens, first_word=0):
+    """Lines of uneven length whose words are all distinct, each ending with eos."""
+    words = [dictionary.index(f"w{k}") for k in range(first_word, first_word + n_tokens)]
+    lines, pos, length = [], 0, 1
+    while pos < len(words):
+        lines.append(words[pos:pos + length] + [dictionary.eos()])
+        pos += length
+        length = length % 6 + 1
+    return lines
+
+
+@pytest.fixture
+def data(tmp_path):
+    """A data dir with splits 'train' and 'valid'; also returns their token streams."""
+    d = make_dictionary()
+    d.save(str(tmp_path / "dict.txt"))
+    splits = {"train": distinct_lines(d, 80), "valid": distinct_lines(d, 30, first_word=100)}
+    for split, lines in splits.items():
+        write_split(str(tmp_path), split, lines, d)
+    streams = {split: torch.tensor(sum(lines, [])) for split, lines in splits.items()}
+    return tmp_path, streams, d
+
+
+def make_stream_task(data_dir, tokens_per_sample=4, segments_per_sample=1, batch_size=3, splits=("train",), schedule=None):
+    cfg = RMTLMConfig(data=str(data_dir), tokens_per_sample=tokens_per_sample,
+                      segments_per_sample=segments_per_sample, batch_size=batch_size,
+                      segments_per_sample_schedule=schedule)
+    task = RMTLMTask.setup_task(cfg)
+    for split in splits:
+        task.load_dataset(split)
+    return task
+
+
+
+def run_cli(module, *args, cwd):
+    result = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{module} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr

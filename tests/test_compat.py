@@ -145,3 +145,29 @@ def test_this_environment_loads_the_pth():
     import rmt_compat
 
     assert any(isinstance(f, rmt_compat._Finder) for f in sys.meta_path)
+
+
+@pytest.mark.parametrize("name", ["task state restored on resume", "legacy_ddp for several forwards per backward"])
+def test_the_plugin_stops_with_one_line_without_the_fairseq_fixes_it_relies_on(name, monkeypatch):
+    """rmt_compat part 5 is what exact resume and data parallel rest on: a task whose fairseq lacks
+    one of those fixes refuses to build its model (the marker the fix sets is taken away here)."""
+    import importlib
+
+    import rmt_compat
+    from rmt_plugin.checks import ChecksCriterionAgainstModel, require_compat_fixes
+
+    require_compat_fixes()  # active here: nothing to say
+    module, marker = rmt_compat.RELIED_ON[name]
+    monkeypatch.delattr(importlib.import_module(module), marker)
+    with pytest.raises(RuntimeError, match=f"rmt_plugin needs fairseq fixed by rmt_compat \\({name}\\)"):
+        require_compat_fixes()
+
+    class Base:
+        def build_model(self, cfg, from_checkpoint=False):
+            return "model"
+
+    class Task(ChecksCriterionAgainstModel, Base):  # as rmt_lm and rmt_memory are made
+        pass
+
+    with pytest.raises(RuntimeError, match="rmt_plugin needs fairseq fixed by rmt_compat"):
+        Task().build_model(None)

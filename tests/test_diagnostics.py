@@ -15,10 +15,7 @@ from rmt_plugin import diagnostics
 from rmt_plugin.criterion import RMTLMCriterion
 from rmt_plugin.diagnostics import bucket_label, diagnose_batch, summarize
 from rmt_plugin.model import RMTConfig, RMTLanguageModel, RMTState
-from test_memory_and_bptt import SEG_LEN, make_model, make_task
-from conftest import write_corpus
-from test_task import make_task as make_stream_task, run_cli
-from test_task import data  # noqa: F401  (fixture)
+from conftest import SEG_LEN, make_model, make_stream_task, make_task, run_cli, write_corpus
 
 
 def test_bucket_labels_are_log_spaced():

@@ -1,37 +1,15 @@
 """Memory layout, memory flow between segments and the BPTT schedule, shown with gradients."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from fairseq import metrics
-from fairseq.data import Dictionary
 
+from conftest import SEG_LEN, make_model, make_task
 from rmt_plugin.criterion import CarriedState, RMTLMCriterion
 from rmt_plugin.model import (RMTConfig, RMTLanguageModel, RMTState, allowed_attention, build_attention_plan,
                               last_layer_first_row, relative_scores, sinusoid)
-
-SEG_LEN = 3
-
-
-def make_task(vocab_size=40):
-    dictionary = Dictionary()
-    for i in range(vocab_size - len(dictionary)):
-        dictionary.add_symbol(f"w{i}")
-    return SimpleNamespace(
-        source_dictionary=dictionary, target_dictionary=dictionary,
-        cfg=SimpleNamespace(tokens_per_sample=SEG_LEN),
-    )
-
-
-def make_model(task, num_mem_tokens=2, mem_len=0, layout="rmt", tie=False, seed=0):
-    torch.manual_seed(seed)
-    cfg = RMTConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.0,
-                    num_mem_tokens=num_mem_tokens, mem_len=mem_len, memory_layout=layout,
-                    tie_weights=tie)
-    return RMTLanguageModel.build_model(cfg, task).eval()
-
 
 def make_criterion(task, depth, mode):
     return RMTLMCriterion(task, bptt_depth=depth, bptt_mode=mode)

@@ -4,72 +4,19 @@ import gc
 import logging
 import os
 import re
-import subprocess
-import sys
 import weakref
 
 import pytest
 import torch
 from fairseq import utils
-from fairseq.data import Dictionary, indexed_dataset, iterators
+from fairseq.data import iterators
 from omegaconf import OmegaConf
 
-from conftest import write_corpus
+from conftest import distinct_lines, run_cli, write_corpus, write_split
+from conftest import make_stream_task as make_task
 from rmt_plugin.criterion import RMTLMCriterionConfig
 from rmt_plugin.model import RMTConfig
-from rmt_plugin.task import RMTLMConfig, RMTLMTask, StreamHandle
-
-VOCAB = 300
-
-
-def make_dictionary():
-    d = Dictionary()
-    for k in range(VOCAB):
-        d.add_symbol(f"w{k}")
-    return d
-
-
-def write_split(data_dir, split, lines, dictionary):
-    """Binarize ``lines`` (lists of token ids) the way fairseq-preprocess does (mmap)."""
-    prefix = os.path.join(data_dir, split)
-    builder = indexed_dataset.make_builder(prefix + ".bin", "mmap", vocab_size=len(dictionary))
-    for line in lines:
-        builder.add_item(torch.IntTensor(line))
-    builder.finalize(prefix + ".idx")
-
-
-def distinct_lines(dictionary, n_tokens, first_word=0):
-    """Lines of uneven length whose words are all distinct, each ending with eos."""
-    words = [dictionary.index(f"w{k}") for k in range(first_word, first_word + n_tokens)]
-    lines, pos, length = [], 0, 1
-    while pos < len(words):
-        lines.append(words[pos:pos + length] + [dictionary.eos()])
-        pos += length
-        length = length % 6 + 1
-    return lines
-
-
-@pytest.fixture
-def data(tmp_path):
-    """A data dir with splits 'train' and 'valid'; also returns their token streams."""
-    d = make_dictionary()
-    d.save(str(tmp_path / "dict.txt"))
-    splits = {"train": distinct_lines(d, 80), "valid": distinct_lines(d, 30, first_word=100)}
-    for split, lines in splits.items():
-        write_split(str(tmp_path), split, lines, d)
-    streams = {split: torch.tensor(sum(lines, [])) for split, lines in splits.items()}
-    return tmp_path, streams, d
-
-
-def make_task(data_dir, tokens_per_sample=4, segments_per_sample=1, batch_size=3, splits=("train",), schedule=None):
-    cfg = RMTLMConfig(data=str(data_dir), tokens_per_sample=tokens_per_sample,
-                      segments_per_sample=segments_per_sample, batch_size=batch_size,
-                      segments_per_sample_schedule=schedule)
-    task = RMTLMTask.setup_task(cfg)
-    for split in splits:
-        task.load_dataset(split)
-    return task
-
+from rmt_plugin.task import StreamHandle
 
 def epoch_batches(task, split="train", batch_size=3, num_shards=1, shard_id=0, epoch_itr=None):
     if epoch_itr is None:
@@ -385,13 +332,6 @@ def test_eval_lm_rejects_context_window(data):
 
 
 # ---------------------------------------------------------------------------------- CLI
-def run_cli(module, *args, cwd):
-    result = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"{module} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout + result.stderr
-
-
 def test_train_and_eval_lm_through_the_cli(tmp_path):
     for split, n_lines, seed in [("train", 200, 0), ("valid", 20, 1), ("test", 21, 2)]:
         write_corpus(tmp_path / f"{split}.txt", n_lines, seed)
