@@ -42,6 +42,7 @@ def test_benchmark_prints_the_side_by_side_table(tiny_data_bin, tmp_path):
         for rate, mfu in ((row[1], row[2]), (row[4], row[5].rstrip(" |"))):
             lowest, highest = (100 * (float(rate) + d) / peak for d in (-0.05, 0.05))
             assert lowest - 0.05 <= float(mfu.rstrip("%")) <= highest + 0.05, (name, row, peak)
+            assert float(mfu.rstrip("%")) < 100, (name, row, peak)  # the ceiling is a peak
     assert float(work["| ours, RMT m, prefix, depth 3"][0]) > float(work["| ours, RMT m, chunk, depth 1"][0])
 
 
