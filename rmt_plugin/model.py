@@ -65,11 +65,13 @@ import torch.nn.functional as F
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import FairseqDecoder, FairseqLanguageModel, register_model, register_model_architecture
 from fairseq.modules import AdaptiveInput, AdaptiveSoftmax
+from fairseq.tasks import TASK_REGISTRY, FairseqTask
 from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
 
 from .adaptive import TransformerXLAdaptiveInput, TransformerXLAdaptiveSoftmax, fairseq_target_log_prob
 from .flags import int_list
+from .steps import CarriedMemorySteps
 
 MEMORY_LAYOUTS = ChoiceEnum(["rmt", "memtr"])
 WRITE_INPUTS = ChoiceEnum(["memory", "learned"])
@@ -198,6 +200,7 @@ class RMTLanguageModel(FairseqLanguageModel):
 
     @classmethod
     def build_model(cls, cfg: RMTConfig, task):
+        check_task(cfg, task)
         fill_missing_fields(cfg)
         check_config(cfg, len(task.target_dictionary))
         return cls(RMTDecoder(cfg, task.target_dictionary))
@@ -217,6 +220,17 @@ def fill_missing_fields(cfg) -> None:
         with open_dict(cfg):
             for name, value in missing.items():
                 setattr(cfg, name, value)
+
+
+def check_task(cfg, task):
+    """A fairseq task that does not carry the state from segment to segment (``--task
+    language_modeling``, fairseq-eval-lm's default) would score or train every segment from fresh
+    memory and an empty cache, a silently wrong number: stop with one line instead."""
+    if isinstance(task, FairseqTask) and not isinstance(task, CarriedMemorySteps):
+        name = next((n for n, c in TASK_REGISTRY.items() if type(task) is c), type(task).__name__)
+        arch = getattr(cfg, "arch", None) or getattr(cfg, "_name", "rmt")
+        raise ValueError(f"--arch {arch} carries memory from segment to segment and needs --task rmt_lm (or "
+                         f"rmt_memory), not --task {name}, which would start every segment from fresh memory")
 
 
 def check_config(cfg: RMTConfig, vocab_size: int):

@@ -41,10 +41,14 @@ CATALOGUE = {
         "tiny", "fairseq-train", [*RMT, "--save-dir", "{trained}", "--tokens-per-sample", "8"],
         "ValueError: --task rmt_lm: the checkpoint was saved mid-epoch on other streams: --tokens-per-sample 8 "
         "(checkpoint: 16); resume with the checkpoint's values, or pass --reset-dataloader to start the epoch over"),
-    "rmt_lm criterion without the rmt_lm task": (
+    "an RMT arch without the rmt_lm task": (
         "tiny", "fairseq-train", ["--task", "language_modeling", "--arch", "rmt_tiny", "--criterion", "rmt_lm"],
-        "ValueError: --criterion rmt_lm unrolls segments with carried memory and needs --task rmt_lm or "
-        "rmt_memory, not --task LanguageModelingTask"),
+        "ValueError: --arch rmt_tiny carries memory from segment to segment and needs --task rmt_lm (or "
+        "rmt_memory), not --task language_modeling, which would start every segment from fresh memory"),
+    "eval-lm of an RMT checkpoint without --task rmt_lm (fairseq's default task: a memory-less score)": (
+        "tiny", "fairseq-eval-lm", ["--path", "{trained}/checkpoint_last.pt"],
+        "ValueError: --arch rmt_tiny carries memory from segment to segment and needs --task rmt_lm (or "
+        "rmt_memory), not --task language_modeling, which would start every segment from fresh memory"),
     "an arch interpolating what rmt_lm lacks": (
         "tiny", "fairseq-train", ["--task", "rmt_lm", "--arch", "transformer_lm", "--criterion", "rmt_lm"],
         "ValueError: --arch transformer_lm reads 'task.max_target_positions', which --task rmt_lm does not "
