@@ -28,6 +28,10 @@ VARIANTS = {  # every kind of state the criterion carries between batches
     "rmt_sliding": ["--arch", "rmt_tiny", "--num-mem-tokens", "4", "--bptt-depth", "1", "--bptt-mode", "sliding"],
     "transformer_xl": ["--arch", "transformer_xl_tiny", "--mem-len", "16"],
     "rmt_xl": ["--arch", "rmt_xl_tiny", "--num-mem-tokens", "4", "--mem-len", "16", "--bptt-depth", "1"],
+    # the authors' BPTT carries each re-run segment's own cache; here the paper's cache of memory rows
+    "rmt_xl_authors": ["--arch", "rmt_xl_tiny", "--num-mem-tokens", "4", "--mem-len", "16", "--bptt-depth", "1",
+                       "--bptt-mode", "authors", "--cache-content", "sequence", "--cache-distance", "sequence",
+                       "--memory-positions", "rel_shift"],
     "rmt_chunk_2_ranks": ["--arch", "rmt_tiny", "--num-mem-tokens", "4", "--bptt-depth", "1",
                           "--distributed-world-size", "2"],
     # memory replay (its RNG restores, with dropout on) with --update-freq, and on 2 ranks in sliding mode

@@ -32,7 +32,7 @@ rmt-prepare-wikitext --input "$RAW" --dataset wikitext-103 --destdir "$DATA"
 fairseq-train "$DATA" \
   --user-dir rmt_plugin --task rmt_lm --tokens-per-sample 50 --segments-per-sample 1 \
   --arch baseline_wt103_base --num-mem-tokens 0 --memory-layout rmt --mem-len 0 \
-  --criterion rmt_lm --bptt-depth 0 --bptt-mode sliding --memory-token-loss-weight 0.0 \
+  --criterion rmt_lm --bptt-depth 0 --bptt-mode authors --memory-token-loss-weight 0.0 \
   --optimizer adam --adam-betas '(0.9, 0.999)' --adam-eps 1e-08 --weight-decay 0.0 \
   --lr-scheduler cosine --warmup-updates 0 \
   --lr 0.00025 --clip-norm 0.25 --max-update 200000 \

@@ -6,6 +6,8 @@
 # Evaluations (Perplexity of fairseq-eval-lm): the paper 26.25.
 #
 # Usage: RAW=path/to/wikitext-103 bash examples/wikitext103/seg50_rmt_m10_bptt4.sh [extra fairseq-train flags]
+#   BPTT as the authors' training loop runs it (--bptt-mode authors); for BPTT as the method
+#   describes it, add --bptt-mode sliding (docs/authors_model.md).
 #   GPUS  GPUs on this node (default 4): the paper's 128 streams per update are
 #         --distributed-world-size GPUS x --batch-size 128/GPUS (GPUS must divide 128);
 #         over several nodes, fairseq's --distributed-* flags with the same product.
@@ -32,7 +34,7 @@ rmt-prepare-wikitext --input "$RAW" --dataset wikitext-103 --destdir "$DATA"
 fairseq-train "$DATA" \
   --user-dir rmt_plugin --task rmt_lm --tokens-per-sample 50 --segments-per-sample 1 \
   --arch rmt_wt103_base --num-mem-tokens 10 --memory-layout rmt --mem-len 0 \
-  --criterion rmt_lm --bptt-depth 4 --bptt-mode sliding --memory-token-loss-weight 0.0 \
+  --criterion rmt_lm --bptt-depth 4 --bptt-mode authors --memory-token-loss-weight 0.0 \
   --optimizer adam --adam-betas '(0.9, 0.999)' --adam-eps 1e-08 --weight-decay 0.0 \
   --lr-scheduler cosine --warmup-updates 0 \
   --lr 0.00025 --clip-norm 0.25 --max-update 200000 \
