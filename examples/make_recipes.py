@@ -180,6 +180,9 @@ def render_script(dataset, table, name, row):
 def hydra_config(dataset, name, row):
     gpus = row["gpus"]
     return {
+        # hydra would run in outputs/DATE/TIME, and every relative path (task.data, save_dir) would
+        # point elsewhere: run where the user stands, as fairseq's own config.yaml does
+        "hydra": {"run": {"dir": "."}},
         "common": {"user_dir": "rmt_plugin", "log_format": "json", "log_interval": LOG_INTERVAL,
                    "tensorboard_logdir": f"checkpoints/{dataset}/{name}/tb"},
         "task": {"_name": "rmt_lm", "data": load_table(dataset)["data"], **row["task"]},
@@ -205,6 +208,8 @@ def render_config(dataset, table, name, row):
         f"# ({row['gpus']} GPUs x {row['batch'] // row['gpus']} streams; on G GPUs set "
         "distributed_training.distributed_world_size=G",
         f"#  dataset.batch_size={row['batch']}/G). Evaluate with the fairseq-eval-lm lines of {name}.sh.",
+        "# Paths are relative to where you run it. The model section sets every value: to change the",
+        "# size, override its fields (model.n_layer=2 model.d_model=64 ...); model._name stays rmt.",
     ]
     body = yaml.safe_dump(hydra_config(dataset, name, row), sort_keys=False, default_flow_style=False, width=100)
     return "\n".join(head) + "\n" + body

@@ -157,6 +157,7 @@ def test_hydra_config_is_the_same_run_as_the_script(recorded, dataset, name):
     names = {"task": args.task, "model": "rmt", "criterion": args.criterion, "optimizer": args.optimizer,
              "lr_scheduler": args.lr_scheduler}
     assert set(config["model"]) - {"_name"} == set(BACKBONES[dataset]) | {"num_mem_tokens", "mem_len"}
+    assert config.pop("hydra") == {"run": {"dir": "."}}  # hydra's own: run where the user stands
     for section, values in config.items():
         for key, value in values.items():
             if key == "_name":
@@ -229,12 +230,14 @@ def test_a_hydra_config_runs_through_fairseq_hydra_train(prepared, tmp_path):
               "model.adaptive_softmax_cutoff": f"'{SHRINK_VOCAB[dataset][1]}'",
               "distributed_training.distributed_world_size": 1, "dataset.batch_size": 2,
               "optimization.max_update": 2, "dataset.max_valid_steps": 1, "dataset.num_workers": 0}
-    paths = {"task.data": prepared[dataset], "checkpoint.save_dir": tmp_path / "save",
-             "common.tensorboard_logdir": tmp_path / "tb"}
+    # relative paths, from where the user stands (hydra must not move into outputs/DATE/TIME)
+    paths = {"task.data": os.path.relpath(prepared[dataset], tmp_path), "checkpoint.save_dir": "save",
+             "common.tensorboard_logdir": "tb"}
     overrides = [f"{key}={value}" for key, value in {**paths, **shrink}.items()]
-    log = run_ok([BIN / "fairseq-hydra-train", "--config-dir", EXAMPLES / dataset / "configs", "--config-name", name,
-                  *overrides], cwd=tmp_path)
+    log = run_ok([BIN / "fairseq-hydra-train", "--config-dir", os.path.relpath(EXAMPLES / dataset / "configs", tmp_path),
+                  "--config-name", name, *overrides], cwd=tmp_path)
     assert (tmp_path / "save" / "checkpoint_best.pt").is_file(), log[-2000:]
+    assert not (tmp_path / "outputs").exists()
     assert "memory_token_loss" in log  # the paper's Tr-XL + RMT loss, logged on its own
 
 
