@@ -56,7 +56,10 @@ What is restored, and why (see also docs in the project README):
    - ``--fp16``, ``--bf16`` and ``--amp`` on the CPU died inside the trainer; now one line says to
      train in fp32 there;
    - a run with ``--optimizer sgd`` (its config is saved as an ``argparse.Namespace``) could not
-     resume under torch >= 2.6 (``weights_only`` loading): ``Namespace`` is allowed when loading.
+     resume under torch >= 2.6 (``weights_only`` loading): ``Namespace`` is allowed when loading;
+   - noise that looks like a bug: every bias-less layer was logged as sharing its (absent) bias
+     with the others ("detected shared parameter"), and on a machine without a GPU the data
+     loader warned at every epoch that it cannot pin memory; both are gone.
 """
 
 import importlib.machinery
@@ -246,6 +249,24 @@ def _fix_fairseq_trainer(module):
     Trainer.load_checkpoint = load_checkpoint
     Trainer.always_call_state_dict_during_save_checkpoint = property(always_call_state_dict_during_save_checkpoint)
     setattr(module, RELIED_ON["task state restored on resume"][1], True)
+    _fix_shared_parameter_catalog(module)
+
+
+def _fix_shared_parameter_catalog(module):
+    """Part 6: fairseq catalogues a model's shared parameters to re-tie them after moving it, and
+    took every bias-less layer's ``bias = None`` for one parameter shared by all of them (a log
+    line "detected shared parameter" per such layer). Only real parameters count now."""
+    import functools
+
+    stock_catalog = module._catalog_shared_params
+
+    def _catalog_shared_params(model, memo=None, prefix=""):
+        shared = stock_catalog(model, memo, prefix)
+        if memo is not None:  # a recursive call fills memo; the first one returns the groups
+            return shared
+        return [paths for paths in shared if functools.reduce(getattr, paths[0].split("."), model) is not None]
+
+    module._catalog_shared_params = _catalog_shared_params
 
 
 def _atomic_copy(stock_copy):
@@ -261,6 +282,14 @@ def _atomic_copy(stock_copy):
         return True
 
     return copy
+
+
+def _fix_fairseq_iterators(module):
+    """Part 6: fairseq's data loaders ask for pinned memory, which on a machine without a GPU does
+    nothing but warn at every epoch; the warning is dropped there (with a GPU nothing changes)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true but no accelerator")
 
 
 def _fix_fairseq_checkpoint_utils(module):
@@ -491,6 +520,7 @@ _POST_IMPORT_FIXES = {
     "fairseq.dataclass.utils": _fix_fairseq_dataclass_utils,
     "fairseq.trainer": _fix_fairseq_trainer,
     "fairseq.checkpoint_utils": _fix_fairseq_checkpoint_utils,
+    "fairseq.data.iterators": _fix_fairseq_iterators,
     "fairseq.distributed.utils": _fix_fairseq_distributed_utils,
     "fairseq.models.distributed_fairseq_model": _fix_fairseq_distributed_model,
 }

@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,3 +172,25 @@ def test_the_plugin_stops_with_one_line_without_the_fairseq_fixes_it_relies_on(n
 
     with pytest.raises(RuntimeError, match="rmt_plugin needs fairseq fixed by rmt_compat"):
         Task().build_model(None)
+
+
+def test_no_noise_about_shared_biases_or_pinned_memory(tiny_data_bin, tmp_path):
+    """A training run logs no "detected shared parameter" for bias-less layers (a paper
+    architecture's one (u, v) pair is a real shared parameter of the decoder alone, not of each
+    layer) and no pin_memory warning on the CPU."""
+    from fairseq import trainer
+
+    import rmt_plugin  # noqa: F401
+    from conftest import run_cli
+
+    log = run_cli("fairseq_cli.train", tiny_data_bin, "--user-dir", "rmt_plugin", "--task", "rmt_lm",
+                  "--arch", "rmt_tiny", "--criterion", "rmt_lm", "--tokens-per-sample", "8", "--batch-size", "4",
+                  "--optimizer", "adam", "--lr", "1e-3", "--max-update", "2", "--cpu", "--num-workers", "0",
+                  "--save-dir", tmp_path / "ckpt", "--no-save", cwd=tmp_path)
+    assert "train_inner" in log or "num_updates" in log
+    assert "detected shared parameter" not in log and "pin_memory" not in log
+    layer = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 2, bias=False))
+    assert trainer._catalog_shared_params(layer) == []  # the Nones are no parameter
+    tied = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    tied[1].weight = tied[0].weight
+    assert trainer._catalog_shared_params(tied) == [["0.weight", "1.weight"]]
