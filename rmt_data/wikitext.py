@@ -112,6 +112,9 @@ def find_inputs(input_dir, srcdict):
 
     Valid and test are required; train may only be missing when a dictionary is given.
     """
+    if input_dir.is_file():
+        raise UserError(f"--input {input_dir}: a file; give the directory holding wiki.{{train,valid,test}}.tokens "
+                        "(or their .xz)")
     if not input_dir.is_dir():
         raise UserError(f"--input {input_dir}: no such directory")
     files = {}

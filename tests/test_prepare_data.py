@@ -449,3 +449,10 @@ def test_wikitext_missing_train_needs_srcdict(tiny_word, tmp_path):
     assert (tmp_path / "bin" / "dict.txt").read_bytes() == (tiny_word / "dict.txt").read_bytes()
     for split in ("valid", "test"):
         assert n_tokens(tmp_path / "bin", split) == TINY_COUNTS[split][1]
+
+
+def test_wikitext_input_given_a_file_says_so(tmp_path):
+    afile = tmp_path / "wiki.train.tokens"
+    afile.write_text("a b\n")
+    proc = run("prepare_wikitext.py", "--input", afile, "--destdir", tmp_path / "bin")
+    assert_one_line_error(proc, afile, "a file; give the directory holding wiki.{train,valid,test}.tokens")
