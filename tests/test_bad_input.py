@@ -57,6 +57,9 @@ CATALOGUE = {
         "tiny", "fairseq-train", ["--task", "rmt_lm", "--arch", "lstm_lm", "--criterion", "rmt_lm"],
         "ValueError: --task rmt_lm carries memory between segments and needs an rmt, rmt_* or transformer_xl_* "
         "--arch, not --arch lstm_lm"),
+    "--report-accuracy with an adaptive softmax": (
+        "tiny", "fairseq-train", [*RMT, "--report-accuracy", "--adaptive-softmax-cutoff", "10"],
+        "ValueError: --report-accuracy needs a full softmax (drop --adaptive-softmax-cutoff)"),
     "--bf16 on the CPU": (
         "tiny", "fairseq-train", [*RMT, "--bf16"],
         "ValueError: --bf16 needs a GPU; on the CPU train in fp32 (drop --bf16)"),
