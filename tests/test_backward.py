@@ -1,4 +1,4 @@
-"""Training back-propagates chain by chain (``unroll_with_backward``) and, with ``--memory-replay``,
+"""Training back-propagates chain by chain (``bptt.BackwardRunner``) and, with ``--memory-replay``,
 segment by segment from recomputation: the same gradients as one backward of the summed loss
 (float64, dropout on), and peak saved activations that do not grow with K nor with the depth."""
 
