@@ -71,7 +71,6 @@ from torch import Tensor, nn
 
 from .adaptive import TransformerXLAdaptiveInput, TransformerXLAdaptiveSoftmax, fairseq_target_log_prob
 from .flags import int_list
-from .steps import CarriedMemorySteps
 
 MEMORY_LAYOUTS = ChoiceEnum(["rmt", "memtr"])
 WRITE_INPUTS = ChoiceEnum(["memory", "learned"])
@@ -226,7 +225,7 @@ def check_task(cfg, task):
     """A fairseq task that does not carry the state from segment to segment (``--task
     language_modeling``, fairseq-eval-lm's default) would score or train every segment from fresh
     memory and an empty cache, a silently wrong number: stop with one line instead."""
-    if isinstance(task, FairseqTask) and not isinstance(task, CarriedMemorySteps):
+    if isinstance(task, FairseqTask) and not getattr(task, "carries_memory", False):
         name = next((n for n, c in TASK_REGISTRY.items() if type(task) is c), type(task).__name__)
         arch = getattr(cfg, "arch", None) or getattr(cfg, "_name", "rmt")
         raise ValueError(f"--arch {arch} carries memory from segment to segment and needs --task rmt_lm (or "

@@ -20,6 +20,7 @@ from fairseq.optim.amp_optimizer import AMPOptimizer
 class CarriedMemorySteps:
     """Task mixin: ``train_step``/``valid_step`` through ``criterion.forward_with_state``."""
 
+    carries_memory = True  # what the model checks of its task (model.check_task)
     training_epoch = 1  # the training epoch running (set by the task's begin_epoch)
 
     def carried_state(self, role: str, sample):
