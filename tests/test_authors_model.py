@@ -35,8 +35,9 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # 4.35 announces TransfoXL's deprecation; it still works
     from transformers.models.transfo_xl import TransfoXLConfig, TransfoXLLMHeadModel
 
-# float64, but the sinusoids are float32 on our side (as in training): differences are ~1e-8
-TOL = 1e-6
+# float64, but the sinusoids are float32 on our side (as in the authors' code): the log-probabilities
+# differ by up to ~1e-6 (measured 9.5e-7), the gradients by ~3e-7; the issue's goal is 1e-5
+TOL = 1e-5
 HF_TOL = 1e-5  # float32 (as tests/test_oracle.py)
 BSZ = 2
 BACKBONE = dict(n_layer=2, d_model=24, n_head=3, d_head=10, d_inner=40)
