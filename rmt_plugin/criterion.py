@@ -148,7 +148,8 @@ class RMTLMCriterion(FairseqCriterion):
         segments = getattr(task, "segment_schedule", None)  # rmt_lm's K per epoch
         # log what each training batch used when either schedule is set
         self.log_schedule = (bptt_depth_schedule is not None
-                             or getattr(task.cfg, "segments_per_sample_schedule", None) is not None)
+                             or getattr(task.cfg, "segments_per_sample_schedule", None) is not None
+                             or getattr(task.cfg, "tokens_per_sample_schedule", None) is not None)
         if bptt_depth_schedule is not None and segments is None:
             raise ValueError(f"--bptt-depth-schedule sets the depth per epoch of --task rmt_lm, not --task "
                              f"{type(task).__name__}; use --bptt-depth")
@@ -185,8 +186,9 @@ class RMTLMCriterion(FairseqCriterion):
         self.check_model(model.decoder.num_mem_tokens, model.decoder.mem_len,
                          model.decoder.memory_target is not None, model.decoder.adaptive_softmax is not None)
         tokens = sample["net_input"]["src_tokens"]
+        length = sample.get("stream", {}).get("segment_length", self.segment_length)  # this epoch's T
         segments = [(t.contiguous(), y.contiguous()) for t, y in zip(
-            tokens.split(self.segment_length, dim=1), sample["target"].split(self.segment_length, dim=1))]
+            tokens.split(length, dim=1), sample["target"].split(length, dim=1))]
         carried = carried or CarriedState(None)
         if backward is None:
             # validation (eval mode, no autograd) back-propagates nothing: carry the memory plainly
@@ -218,9 +220,8 @@ class RMTLMCriterion(FairseqCriterion):
             logging_output["mem_batches"] = 1
         if backward is not None and self.log_schedule:
             # the epoch's K (from the width: its last batch may hold fewer segments) and depth
-            logging_output.update(segments_per_sample=sample["stream"]["width"] // self.segment_length,
-                                  bptt_depth=at_epoch(self.depths, epoch),
-                                  schedule_batches=1)
+            logging_output.update(segments_per_sample=sample["stream"]["width"] // length, tokens_per_sample=length,
+                                  bptt_depth=at_epoch(self.depths, epoch), schedule_batches=1)
         if self.report_accuracy:
             wrong_per_row = sum(t.accuracy[1] for t in terms)
             logging_output.update(n_correct=int(sum(t.accuracy[0] for t in terms)),
@@ -361,7 +362,7 @@ class RMTLMCriterion(FairseqCriterion):
                 metrics.log_scalar(extra_loss, total(extra_loss) / max(sample_size, 1) / math.log(2), sample_size,
                                    round=3)
         if total("schedule_batches") > 0:
-            for key in ("segments_per_sample", "bptt_depth"):
+            for key in ("segments_per_sample", "tokens_per_sample", "bptt_depth"):
                 metrics.log_scalar(key, total(key) / total("schedule_batches"), total("schedule_batches"), round=2)
         if total("mem_batches") > 0:
             metrics.log_scalar("mem_norm", total("mem_norm") / total("mem_batches"), total("mem_batches"),

@@ -48,6 +48,8 @@ from .resume import StreamCursors, data_parallel_rank_and_size
 
 logger = logging.getLogger(__name__)
 
+TOKENS_PER_SAMPLE_DEFAULT = 512
+
 
 @dataclass
 class RMTLMConfig(FairseqDataclass):
@@ -57,7 +59,7 @@ class RMTLMConfig(FairseqDataclass):
                   "several directories separated by ':' are used one per epoch"},
     )
     tokens_per_sample: int = field(
-        default=512, metadata={"help": "segment length T: tokens the model reads per segment"}
+        default=TOKENS_PER_SAMPLE_DEFAULT, metadata={"help": "segment length T: tokens the model reads per segment"}
     )
     segments_per_sample: int = field(
         default=1,
@@ -68,6 +70,12 @@ class RMTLMConfig(FairseqDataclass):
         default=None,
         metadata={"help": "--segments-per-sample per epoch, comma-separated like --update-freq, the last value "
                   "from then on (e.g. 1,2,4; replaces --segments-per-sample; see epoch_schedule.py)"},
+    )
+    tokens_per_sample_schedule: Optional[str] = field(
+        default=None,
+        metadata={"help": "--tokens-per-sample (the segment length T) per epoch, comma-separated like "
+                  "--update-freq, the last value from then on (e.g. 64,16; replaces --tokens-per-sample; "
+                  "validation uses the last value; see epoch_schedule.py)"},
     )
     memory_diagnostics: bool = field(
         default=False,
@@ -142,7 +150,7 @@ class StreamBatches(FairseqDataset):
     """Item ``t`` is batch ``t`` of one rank: the next ``width`` tokens of each of its streams."""
 
     def __init__(self, stream: TokenStream, batch_size: int, num_shards: int, shard_id: int,
-                 width: int, handle: Optional[StreamHandle] = None):
+                 width: int, segment_length: int, handle: Optional[StreamHandle] = None):
         split = stream.split
         n_streams = batch_size * num_shards
         _check_streams(stream, batch_size, num_shards)
@@ -154,6 +162,7 @@ class StreamBatches(FairseqDataset):
         first = shard_id * batch_size
         self.stream = stream
         self.width = width
+        self.segment_length = segment_length
         self.handle = handle
         self.row_ids = torch.arange(first, first + batch_size)
         self.starts = [int(row) * self.stream_len for row in self.row_ids]
@@ -182,7 +191,8 @@ class StreamBatches(FairseqDataset):
             "ntokens": targets.numel(),
             "net_input": net_input,
             "target": targets,
-            "stream": {"split": self.stream.split, "index": index, "batches": len(self), "width": self.width},
+            "stream": {"split": self.stream.split, "index": index, "batches": len(self), "width": self.width,
+                       "segment_length": self.segment_length},
         }
 
 
@@ -194,9 +204,13 @@ class RMTLMTask(CarriedMemorySteps, ChecksCriterionAgainstModel, FairseqTask):
         _check_positive(cfg.segments_per_sample, "--segments-per-sample")
         if cfg.segments_per_sample_schedule is not None and cfg.segments_per_sample != 1:
             raise ValueError("--segments-per-sample-schedule replaces --segments-per-sample: give one of them")
-        # K per epoch (epoch_schedule.py); the criterion reads it too
+        if cfg.tokens_per_sample_schedule is not None and cfg.tokens_per_sample != TOKENS_PER_SAMPLE_DEFAULT:
+            raise ValueError("--tokens-per-sample-schedule replaces --tokens-per-sample: give one of them")
+        # K and T per epoch (epoch_schedule.py); the criterion reads them too
         self.segment_schedule = (parse_schedule(cfg.segments_per_sample_schedule, "--segments-per-sample-schedule", 1)
                                  or [cfg.segments_per_sample])
+        self.length_schedule = (parse_schedule(cfg.tokens_per_sample_schedule, "--tokens-per-sample-schedule", 1)
+                                or [cfg.tokens_per_sample])
         _check_batch_size(cfg.batch_size)
         paths = utils.split_paths(cfg.data)
         dict_path = os.path.join(paths[0], "dict.txt")
@@ -245,11 +259,11 @@ class RMTLMTask(CarriedMemorySteps, ChecksCriterionAgainstModel, FairseqTask):
         """
         _check_batch_size(max_sentences)
         segments = at_epoch(self.segment_schedule, epoch)  # fairseq passes epoch 1 for validation
-        self._check_saved_layout(dataset, max_sentences, num_shards, segments)
+        length = self.segment_length(epoch, dataset.split)
+        self._check_saved_layout(dataset, max_sentences, num_shards, length, segments)
         self._check_valid_splits(num_shards)
-        batches = StreamBatches(
-            dataset, max_sentences, num_shards, shard_id, width=self.cfg.tokens_per_sample * segments,
-        )
+        batches = StreamBatches(dataset, max_sentences, num_shards, shard_id, width=length * segments,
+                                segment_length=length)
         return self._iterator(batches, num_workers, epoch, data_buffer_size,
                               skip_remainder_batch)
 
@@ -264,7 +278,8 @@ class RMTLMTask(CarriedMemorySteps, ChecksCriterionAgainstModel, FairseqTask):
         _check_batch_size(batch_size)
         handle = StreamHandle()
         batches = StreamBatches(
-            dataset, batch_size, num_shards, shard_id, width=self.cfg.tokens_per_sample, handle=handle,
+            dataset, batch_size, num_shards, shard_id, width=self.length_schedule[-1],
+            segment_length=self.length_schedule[-1], handle=handle,
         )
         if self.cfg.memory_diagnostics:
             handle.diagnostics = StreamDiagnostics(dataset.split, len(batches), self.cfg.memory_diagnostics_file)
@@ -275,8 +290,9 @@ class RMTLMTask(CarriedMemorySteps, ChecksCriterionAgainstModel, FairseqTask):
     def valid_diagnostics(self, sample, model, state) -> dict:
         if not self.cfg.memory_diagnostics:
             return {}
+        length = sample["stream"]["segment_length"]
         return diagnose_batch(model, sample, state.model_state if state is not None else None,
-                              self.cfg.tokens_per_sample, sample["stream"]["width"] // self.cfg.tokens_per_sample)
+                              length, sample["stream"]["width"] // length)
 
     def carried_state(self, role: str, sample) -> Any:
         stream = sample["stream"]
@@ -288,8 +304,10 @@ class RMTLMTask(CarriedMemorySteps, ChecksCriterionAgainstModel, FairseqTask):
 
     def state_dict(self):
         """Every rank's training cursors, for an exact resume (see :mod:`rmt_plugin.resume`)."""
-        segments = at_epoch(self.segment_schedule, self.training_epoch)
-        return self.cursors.state_dict(self._layout(self.cfg.batch_size, data_parallel_rank_and_size()[1], segments))
+        epoch = self.training_epoch
+        layout = self._layout(self.cfg.batch_size, data_parallel_rank_and_size()[1],
+                              at_epoch(self.length_schedule, epoch), at_epoch(self.segment_schedule, epoch))
+        return self.cursors.state_dict(layout)
 
     def load_state_dict(self, state_dict):
         self.cursors.load_state_dict(state_dict)
@@ -302,17 +320,24 @@ class RMTLMTask(CarriedMemorySteps, ChecksCriterionAgainstModel, FairseqTask):
             if split in self.datasets:
                 _check_streams(self.datasets[split], batch_size, num_shards, "--batch-size-valid")
 
-    def _layout(self, batch_size, world_size, segments):
+    def segment_length(self, epoch: int, split: str) -> int:
+        """T of ``epoch`` for training; a validation split is read with the schedule's last T, so
+        that validation losses compare across the schedule (and the best checkpoint is chosen at
+        the segment length training ends with)."""
+        validation = split != "train" and split in str(self.cfg.valid_subset).split(",")
+        return self.length_schedule[-1] if validation else at_epoch(self.length_schedule, epoch)
+
+    def _layout(self, batch_size, world_size, length, segments):
         return {
-            "tokens_per_sample": self.cfg.tokens_per_sample,
+            "tokens_per_sample": length,
             "segments_per_sample": segments,
             "batch_size": batch_size,
             "world_size": world_size,
             "split_tokens": {split: len(dataset) for split, dataset in self.datasets.items()},
         }
 
-    def _check_saved_layout(self, dataset, batch_size, num_shards, segments):
-        self.cursors.check_layout(dataset.split, self._layout(batch_size, num_shards, segments))
+    def _check_saved_layout(self, dataset, batch_size, num_shards, length, segments):
+        self.cursors.check_layout(dataset.split, self._layout(batch_size, num_shards, length, segments))
 
     @staticmethod
     def _iterator(batches, num_workers, epoch, data_buffer_size, skip_remainder_batch=False):

@@ -124,10 +124,12 @@ def data(tmp_path):
     return tmp_path, streams, d
 
 
-def make_stream_task(data_dir, tokens_per_sample=4, segments_per_sample=1, batch_size=3, splits=("train",), schedule=None):
+def make_stream_task(data_dir, tokens_per_sample=4, segments_per_sample=1, batch_size=3, splits=("train",), schedule=None,
+                     length_schedule=None, valid_subset="valid"):
     cfg = RMTLMConfig(data=str(data_dir), tokens_per_sample=tokens_per_sample,
                       segments_per_sample=segments_per_sample, batch_size=batch_size,
-                      segments_per_sample_schedule=schedule)
+                      segments_per_sample_schedule=schedule, tokens_per_sample_schedule=length_schedule,
+                      valid_subset=valid_subset)
     task = RMTLMTask.setup_task(cfg)
     for split in splits:
         task.load_dataset(split)

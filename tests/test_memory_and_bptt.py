@@ -673,3 +673,20 @@ def test_last_layer_skips_the_read_block_and_changes_no_output_or_gradient(monke
     assert grads.keys() == every_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], every_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_the_criterion_cuts_segments_of_the_batchs_own_length():
+    """--tokens-per-sample-schedule: a batch carries its epoch's segment length, which the criterion
+    unrolls (a criterion built for T = 3 reads a 6-token batch of T = 2 as 3 segments)."""
+    task = make_task()
+    model = make_model(task)
+    criterion = make_criterion(task, 1, "chunk")
+    lengths = []
+    hook = model.decoder.register_forward_hook(lambda mod, args, out: lengths.append(args[0].size(1)))
+    tokens = torch.randint(4, 40, (2, 6))
+    sample = {"net_input": {"src_tokens": tokens}, "target": tokens, "stream": {"segment_length": 2}}
+    criterion.forward_with_state(model, sample, None)
+    del sample["stream"]
+    criterion.forward_with_state(model, sample, None)
+    hook.remove()
+    assert lengths == [2, 2, 2, 3, 3]

@@ -108,21 +108,32 @@ def test_killed_run_resumes_exactly(tiny_data_bin, tmp_path, variant):
     assert all(torch.equal(reference_weights[k], resumed_weights[k]) for k in reference_weights)
 
 
-def test_killed_run_resumes_exactly_after_a_schedule_step(tiny_data_bin, tmp_path):
-    # --segments-per-sample-schedule 2,4 --bptt-depth-schedule 1,3: epoch 1 is 13 updates of
-    # K=2 (depth 1), epoch 2 has K=4 (depth 3); the run is killed after its save at update 15
-    extra = ["--arch", "rmt_tiny", "--num-mem-tokens", "4", "--segments-per-sample-schedule", "2,4",
-             "--bptt-depth-schedule", "1,3", "--bptt-mode", "prefix"]
+SCHEDULE_STEPS = {
+    # --segments-per-sample-schedule 2,4 --bptt-depth-schedule 1,3: epoch 1 is 13 updates of K=2
+    # (depth 1), epoch 2 has K=4 (depth 3)
+    "K and depth": (["--segments-per-sample-schedule", "2,4", "--bptt-depth-schedule", "1,3", "--bptt-mode", "prefix"],
+                    "--segments-per-sample", ("segments_per_sample", "bptt_depth"), ((2, 1), (4, 3))),
+    # --tokens-per-sample-schedule 16,8: epoch 1 is 13 updates of segments of 16, epoch 2 of 8
+    "segment length": (["--tokens-per-sample-schedule", "16,8", "--bptt-depth", "1"], "--tokens-per-sample",
+                       ("tokens_per_sample",), ((16,), (8,))),
+}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULE_STEPS))
+def test_killed_run_resumes_exactly_after_a_schedule_step(tiny_data_bin, tmp_path, schedule):
+    # the run is killed after its save at update 15, in epoch 2
+    flags, replaced, logged, (first, second) = SCHEDULE_STEPS[schedule]
+    extra = ["--arch", "rmt_tiny", "--num-mem-tokens", "4", *flags]
 
     def command(save_dir):
         cmd = train_command(tiny_data_bin, save_dir, *extra)
-        del cmd[cmd.index("--segments-per-sample"):cmd.index("--segments-per-sample") + 2]
+        del cmd[cmd.index(replaced):cmd.index(replaced) + 2]
         return cmd
 
     reference_log = run(command(tmp_path / "reference"))
     records = [json.loads(line[line.index("{"):]) for line in reference_log.splitlines() if "| train_inner |" in line]
-    used = {int(r["num_updates"]): (float(r["segments_per_sample"]), float(r["bptt_depth"])) for r in records}
-    assert used == {u: (2, 1) if u <= 13 else (4, 3) for u in range(1, 21)}
+    used = {int(r["num_updates"]): tuple(float(r[key]) for key in logged) for r in records}
+    assert used == {u: first if u <= 13 else second for u in range(1, 21)}
     reference = per_update_losses(reference_log)
     interrupted = command(tmp_path / "interrupted")
     run_and_kill(interrupted, lambda line: "Saved checkpoint" in line and "@ 15 updates" in line)

@@ -115,6 +115,25 @@ def test_segments_per_sample_schedule_sets_the_width_of_each_epochs_batches(data
     assert epoch_batches(task)[0]["target"].size(1) == 4
 
 
+def test_tokens_per_sample_schedule_sets_the_segment_length_of_each_epoch(data):
+    """--tokens-per-sample-schedule 8,2 with K=2: epoch 1 reads rows of 2 x 8 tokens, later epochs
+    2 x 2; the segment length travels with the batch (the criterion splits by it); validation is
+    read with the last T whatever the epoch."""
+    task = make_task(data[0], tokens_per_sample=512, segments_per_sample=2, length_schedule="8,2",
+                     splits=("train", "valid"))
+
+    def first(split, epoch):
+        return epoch_batches(task, split, epoch_itr=task.get_batch_iterator(task.dataset(split), max_sentences=3,
+                                                                            epoch=epoch))[0]
+
+    for epoch, length in ((1, 8), (2, 2), (7, 2)):
+        batch = first("train", epoch)
+        assert (batch["target"].size(1), batch["stream"]["segment_length"]) == (2 * length, length), epoch
+        assert first("valid", epoch)["stream"]["segment_length"] == 2
+    with pytest.raises(ValueError, match="--tokens-per-sample-schedule replaces --tokens-per-sample"):
+        make_task(data[0], tokens_per_sample=16, length_schedule="8,2")
+
+
 @pytest.mark.parametrize("schedule, segments, needle", [
     ("1,x", 1, "--segments-per-sample-schedule must be comma-separated integers"),
     ("2,0", 1, "--segments-per-sample-schedule values must be >= 1"),
