@@ -62,7 +62,7 @@ def main(argv=None):
     data = args.data or table["data"]
     per_word = args.dataset == "wikitext103"  # perplexity; enwik8: bits per character
     lines = [f"{table['title']}, {row['title']} ({args.path})", "",
-             f"| evaluation | setting | published | ours |", "|---|---|---|---|"]
+             "| evaluation | setting | published | ours |", "|---|---|---|---|"]
     for name, spec in row["evals"].items():
         loss = evaluate(data, args.path, spec["args"], args.eval_args)
         ours = f"{2 ** loss:.2f}" if per_word else f"{loss:.3f}"
