@@ -47,7 +47,8 @@ def test_rows_continue_across_batches_and_targets_are_next_tokens(data, segments
         assert torch.equal(source_row, sources[i * stream_len:(i + 1) * stream_len])
     assert sum(b["ntokens"] for b in batches) == 3 * stream_len
     assert [b["stream"] for b in batches] == [
-        {"split": "train", "index": t, "batches": len(batches), "width": width} for t in range(len(batches))
+        {"split": "train", "index": t, "batches": len(batches), "width": width, "segment_length": 4}
+        for t in range(len(batches))
     ]
 
 
