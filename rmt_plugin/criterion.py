@@ -9,8 +9,10 @@ back-propagates each chain as soon as it has run (``--memory-replay``: segment b
 validation (eval mode, no autograd) it carries the memory plainly from segment to segment, as the
 paper's evaluation does: no schedule re-runs anything there.
 
-K and k can grow over training, per epoch: ``--segments-per-sample-schedule`` (task) and
-``--bptt-depth-schedule`` (here), see :mod:`rmt_plugin.epoch_schedule`.
+K, T and k can change over training, per epoch: ``--segments-per-sample-schedule`` and
+``--tokens-per-sample-schedule`` (task; a batch carries its T) and ``--bptt-depth-schedule``
+(here), see :mod:`rmt_plugin.epoch_schedule`. In chunk mode make K a multiple of k+1, so that no
+chunk is cut short by the batch end (a warning says so otherwise).
 
 Memory-only loss (``--memory-only-loss-weight w``, Tr-XL + RMT only; ours, not the paper's).
 With a cache, the model can predict a segment from the cache alone and leave the memory tokens
