@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from fairseq.data import Dictionary, data_utils
 
+from rmt_plugin.bptt import SCHEDULES
 from rmt_plugin.criterion import RMTLMCriterion
 from rmt_plugin.model import RMTConfig, RMTLanguageModel, RMTState
 from rmt_plugin.task import TokenStream
@@ -48,16 +49,21 @@ def build(dictionary, args, segment_length, segments=1):
 
 
 def train(model, task, args, streams, targets):
-    """Adam on batches of K*T columns of ``streams`` [B, N], memory carried between batches."""
+    """Adam on batches of K*T columns of ``streams`` [B, N], memory carried between batches; with
+    ``--warmup-segment W`` the first ``--warmup-updates`` read segments of W (the segment-length
+    schedule of --tokens-per-sample-schedule), the memory starting fresh at the switch."""
     criterion = RMTLMCriterion(task, bptt_depth=args.depth, bptt_mode=args.bptt_mode)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    width, carried, start = task.cfg.tokens_per_sample * task.cfg.segments_per_sample, None, time.time()
+    carried, start, offset = None, time.time(), 0
     for update in range(args.updates):
-        offset = (update * width) % (streams.size(1) - width)
-        if offset < width:
-            carried = None  # a new pass over the data starts from fresh memory
+        warm = getattr(args, "warmup_segment", 0) and update < args.warmup_updates
+        length = args.warmup_segment if warm else task.cfg.tokens_per_sample
+        width = length * task.cfg.segments_per_sample
+        if update == getattr(args, "warmup_updates", 0) or offset + width > streams.size(1):
+            carried, offset = None, 0  # a new pass (or a new segment length) starts from fresh memory
         sample = {"net_input": {"src_tokens": streams[:, offset:offset + width]},
-                  "target": targets[:, offset:offset + width]}
+                  "target": targets[:, offset:offset + width], "stream": {"segment_length": length}}
+        offset += width
         loss, sample_size, _, carried = criterion.forward_with_state(model, sample, carried)
         optimizer.zero_grad()
         (loss / sample_size).backward()
@@ -139,7 +145,7 @@ def recall(args):
     torch.manual_seed(args.seed)
     model, task = build(dictionary, args, T, args.segments)
     gen = torch.Generator().manual_seed(1000 + args.seed)
-    length = T * args.segments * (args.updates + 1) + 1
+    length = max(T, args.warmup_segment) * args.segments * (args.updates + 1) + 1
     rows = [recall_stream(length, T, filler, values, store, recall_marker, gen) for _ in range(args.batch)]
     streams = torch.stack([tokens for tokens, _ in rows])
     targets = streams.clone()
@@ -233,7 +239,10 @@ def main():
     parser.add_argument("--segment", type=int, default=16, help="segment length T")
     parser.add_argument("--segments", type=int, default=2, help="segments per batch row K")
     parser.add_argument("--depth", type=int, default=1, help="BPTT depth")
-    parser.add_argument("--bptt-mode", default="chunk", choices=["chunk", "sliding", "prefix"])
+    parser.add_argument("--bptt-mode", default="chunk", choices=list(SCHEDULES))
+    parser.add_argument("--warmup-segment", type=int, default=0,
+                        help="recall: the first --warmup-updates read segments of this length (0: off)")
+    parser.add_argument("--warmup-updates", type=int, default=0)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--updates", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=1e-3)
