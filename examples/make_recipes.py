@@ -16,6 +16,7 @@ streams per update over all ``gpus`` (per-GPU ``--batch-size`` = batch / GPUs).
 import argparse
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -28,6 +29,18 @@ MEMORY_FIELDS = ("num_mem_tokens", "memory_layout", "mem_len", "memory_target_to
 # Logistics (not the paper's): validate and keep the best checkpoint every 4000 updates.
 VALIDATE_EVERY = 4000
 LOG_INTERVAL = 200
+# SMOKE=1 (not the paper's run): checks that a row starts, trains, validates and evaluates on any
+# data-bin in a minute or two on a CPU. The row keeps its memory, BPTT and segment length; the
+# size is the *_tiny architectures', one process. Given as hydra config values, so that the recipes'
+# README can give the same run for fairseq-hydra-train; fairseq-train flags given to a script come
+# after these, so they override them.
+SMOKE_VALUES = {"model": {"n_layer": 2, "d_model": 64, "n_head": 2, "d_head": 32, "d_inner": 128},
+                "distributed_training": {"distributed_world_size": 1},
+                "dataset": {"batch_size": 2, "max_valid_steps": 2},
+                "optimization": {"max_update": 20},
+                "common": {"log_interval": 5}}
+SMOKE_TEST_SHARDS = 50  # a smoke evaluation scores the first 1/50 of the test split (shard 0 of 50)
+TEST_SET = '"${TEST_SET[@]}"'  # the scripts' --gen-subset test; in a smoke run, with its first shard
 GENERATED = "Rendered from examples/{dir}/recipes.yaml by examples/make_recipes.py: edit the table, not this file."
 
 
@@ -113,11 +126,63 @@ def train_lines(row):
     return lines
 
 
-def eval_words(args):
-    words = ["--gen-subset", "test"]
+def eval_words(args, subset=("--gen-subset", "test")):
+    """fairseq-eval-lm's flags for one evaluation of a row (examples/reproduce.py runs them too)."""
+    words = list(subset)
     for key, value in args.items():
         words += [flag(key), model_overrides(value) if key == "model_overrides" else flag_value(value)]
     return words
+
+
+# ----------------------------------------------------------------------------- smoke runs
+def smoke_summary(row):
+    """What a smoke run changes, in words: its --help text and its banner say the same."""
+    cutoffs = ", the paper's adaptive-softmax cutoffs inside DATA's vocabulary" if row["model"][
+        "adaptive_softmax_cutoff"] else ""
+    model, dataset = SMOKE_VALUES["model"], SMOKE_VALUES["dataset"]
+    return (f"the row's memory, BPTT and segment length at {model['n_layer']} layers, d_model {model['d_model']}, "
+            f"one process, batch {dataset['batch_size']}, {SMOKE_VALUES['optimization']['max_update']} updates, "
+            f"{dataset['max_valid_steps']} validation steps, the evaluations on the first 1/{SMOKE_TEST_SHARDS} of "
+            f"the test split{cutoffs}")
+
+
+def smoke_help(dataset, name, row):
+    text = (f"SMOKE  1: a smoke run, NOT the paper's: {smoke_summary(row)}; SAVE defaults to "
+            f"checkpoints/{dataset}/{name}-smoke, and a DATA that holds a dict.txt is used as it is "
+            "(PREPARE=0). Flags given to the script override these values (--max-update 200 --d-model 128 ...).")
+    return textwrap.wrap(text, 100, initial_indent="#   ", subsequent_indent="#         ")
+
+
+def smoke_banner(dataset, name, row):
+    """Bash: a smoke run says so before anything else, and keeps its checkpoints apart."""
+    return ['if [[ "$SMOKE" == 1 ]]; then',
+            f'  echo "SMOKE RUN of {name}.sh, NOT the paper\'s run: {smoke_summary(row)}"',
+            f"  SAVE=${{SAVE:-checkpoints/{dataset}/{name}-smoke}}",
+            "fi"]
+
+
+def smoke_flags(row):
+    """Bash: a smoke run's flags go before the script's arguments, its evaluations read one test shard.
+
+    A smoke run may use another corpus's data-bin: of the paper's adaptive-softmax cutoffs it keeps
+    those inside that data-bin's vocabulary, as the model requires (of WikiText-2's, only 20000).
+    """
+    cutoffs = row["model"]["adaptive_softmax_cutoff"]
+    out = ["TEST_SET=(--gen-subset test)", 'if [[ "$SMOKE" == 1 ]]; then']
+    if cutoffs:
+        out += [
+            '  VOCAB=$(( $(wc -l < "$DATA/dict.txt") + 4 ))  # dict.txt\'s symbols and fairseq\'s 4 specials',
+            "  CUTOFF=",
+            f"  for c in {cutoffs.replace(',', ' ')}; do",
+            "    if (( c < VOCAB )); then CUTOFF=${CUTOFF:+$CUTOFF,}$c; fi",
+            "  done",
+            '  echo "smoke run: adaptive-softmax cutoffs ${CUTOFF:-none} (a vocabulary of $VOCAB)"',
+            '  set -- --adaptive-softmax-cutoff "$CUTOFF" "$@"',
+        ]
+    smoke = [word for section in SMOKE_VALUES.values() for word in flags(section)]
+    return out + [f'  set -- {shell_line(smoke)} "$@"',
+                  f"  TEST_SET+=(--num-shards {SMOKE_TEST_SHARDS} --shard-id 0)",
+                  "fi"]
 
 
 # ----------------------------------------------------------------------------- renderers
@@ -142,6 +207,8 @@ def render_script(dataset, table, name, row):
         f"#         --distributed-world-size GPUS x --batch-size {batch}/GPUS (GPUS must divide {batch});",
         "#         over several nodes, fairseq's --distributed-* flags with the same product.",
         f"#   DATA  data-bin (default {table['data']}); SAVE  checkpoints (default checkpoints/{dataset}/{name})",
+        "#   PREPARE  1: prepare DATA from RAW (the default); 0: use DATA, any data-bin, as it is",
+        *smoke_help(dataset, name, row),
         f"# Hydra: fairseq-hydra-train --config-dir examples/{dataset}/configs --config-name {name} task.data=DATA",
         "set -euo pipefail",
         'if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then',
@@ -150,6 +217,18 @@ def render_script(dataset, table, name, row):
         "fi",
         f"RAW=${{RAW:-{table['raw']}}}",
         f"DATA=${{DATA:-{table['data']}}}",
+        "SMOKE=${SMOKE:-0}",
+        'if [[ -z "${PREPARE:-}" ]]; then  # a smoke run takes a data-bin that is there as it is',
+        '  PREPARE=1',
+        '  if [[ "$SMOKE" == 1 && -f "$DATA/dict.txt" ]]; then PREPARE=0; fi',
+        "fi",
+        "for var in SMOKE PREPARE; do",
+        '  if [[ "${!var}" != 0 && "${!var}" != 1 ]]; then',
+        '    echo "error: $var=${!var}: set $var=1 or $var=0" >&2',
+        "    exit 1",
+        "  fi",
+        "done",
+        *smoke_banner(dataset, name, row),
         f"SAVE=${{SAVE:-checkpoints/{dataset}/{name}}}",
         f"GPUS=${{GPUS:-{gpus}}}",
         f"if (( {batch} % GPUS )); then",
@@ -158,7 +237,18 @@ def render_script(dataset, table, name, row):
         "fi",
         "",
         "# 1. data (idempotent: a rerun with valid outputs does nothing)",
-        shell_line(['"$RAW"' if w == "$RAW" else '"$DATA"' if w == "$DATA" else w for w in table["prepare"]]),
+        'if [[ "$PREPARE" == 1 ]]; then',
+        "  " + shell_line(['"$RAW"' if w == "$RAW" else '"$DATA"' if w == "$DATA" else w for w in table["prepare"]]),
+        'elif [[ -f "$DATA/dict.txt" ]]; then',
+        '  echo "using the data-bin DATA=$DATA as it is (PREPARE=0: not prepared from RAW)"',
+        "else",
+        '  echo "error: DATA=$DATA holds no dict.txt, so it is no fairseq data-bin; with PREPARE=1 it is prepared from RAW" >&2',
+        "  exit 1",
+        "fi",
+        "",
+        *textwrap.wrap(f"Smoke run (SMOKE=1): {smoke_summary(row)}.", 100, initial_indent="# ",
+                       subsequent_indent="# "),
+        *smoke_flags(row),
         "",
         "# 2. train",
         'fairseq-train "$DATA" \\',
@@ -172,8 +262,11 @@ def render_script(dataset, table, name, row):
             "",
             f"# {3 + i}. evaluate, {title}: {table['metric']} {number} ({table['eval_metric']} below)",
             'fairseq-eval-lm "$DATA" --path "$SAVE/checkpoint_best.pt" --user-dir rmt_plugin --task rmt_lm \\',
-            f"  {shell_line(eval_words(spec['args']))}",
+            "  " + shell_line(eval_words(spec["args"], subset=[TEST_SET])),
         ]
+    out += ["", 'if [[ "$SMOKE" == 1 ]]; then',
+            f'  echo "SMOKE RUN of {name}.sh finished: it ran; its numbers are not the paper\'s (run without SMOKE=1 for that)"',
+            "fi"]
     return "\n".join(out) + "\n"
 
 
@@ -245,7 +338,7 @@ def render_readme(dataset, table, rows):
         f"task.data={table['data']}",
         "```",
         "",
-        f"| row | paper | `--arch` + memory | BPTT | segment | GPUs × batch | steps | recipe |",
+        "| row | paper | `--arch` + memory | BPTT | segment | GPUs × batch | steps | recipe |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
@@ -261,7 +354,56 @@ def render_readme(dataset, table, rows):
             f"| {row['gpus']} × {row['batch'] // row['gpus']} | {row['optimization']['max_update']:,} "
             f"| [`{name}.sh`]({name}.sh), [yaml](configs/{name}.yaml) |"
         )
-    return "\n".join(out) + "\n"
+    return "\n".join(out + readme_smoke(dataset, table, rows)) + "\n"
+
+
+def continued(lines):
+    """Shell lines joined by a backslash at the end of every line but the last."""
+    return [line + " \\" for line in lines[:-1]] + lines[-1:]
+
+
+def readme_smoke(dataset, table, rows):
+    """The README's section on smoke runs, with a script's and fairseq-hydra-train's command."""
+    name, row = next((n, r) for n, r in rows.items() if r["model"]["num_mem_tokens"])  # a row with memory
+    level = " --level byte" if dataset == "enwik8" else ""
+    data = "data-bin/tiny-wikitext2" + ("-bytes" if level else "")
+    save = f"checkpoints/{dataset}/{name}-smoke"
+    hydra = [f"{section}.{key}={value}" for section, values in SMOKE_VALUES.items() for key, value in values.items()]
+    hydra += ["model.adaptive_softmax_cutoff=null"] if row["model"]["adaptive_softmax_cutoff"] else []
+    hydra += [f"checkpoint.save_dir={save}-hydra", f"common.tensorboard_logdir={save}-hydra/tb"]
+    cutoffs = (" Of the paper's adaptive-softmax cutoffs it keeps those inside DATA's vocabulary (none for the"
+               " tiny corpus's 6,632 symbols, 20000 for WikiText-2's 33,280)."
+               if row["model"]["adaptive_softmax_cutoff"] else "")
+    text = (f"`SMOKE=1` runs a row at a tiny size, to check that it starts, trains, validates and evaluates: "
+            f"{smoke_summary(row)}. It is not the paper's run and its numbers say nothing about the paper's; it "
+            "says so in its first and last line (`SMOKE RUN of <row>.sh, NOT the paper's run`) and saves to "
+            f"`checkpoints/{dataset}/<row>-smoke` (a rerun continues from the checkpoint there, as every fairseq run does: remove it, or give another `SAVE`, to start anew). A "
+            "`DATA` that already holds a `dict.txt` is used as it is, whatever made it (the script prepares "
+            "nothing); `PREPARE=0` does the same in a full run, `PREPARE=1` prepares `DATA` from `RAW` even in a "
+            f"smoke run.{cutoffs} Here on the corpus every clone embeds (`examples/data/tiny-wikitext2`):")
+    return [
+        "",
+        "## Smoke run: check a set-up in a minute, on any data-bin",
+        "",
+        *textwrap.wrap(text, 100),
+        "",
+        "```bash",
+        f"rmt-prepare-wikitext --input examples/data/tiny-wikitext2{level}    # -> {data}",
+        f"SMOKE=1 DATA={data} bash examples/{dataset}/{name}.sh",
+        "# flags after the script go to fairseq-train after the smoke values, so they override them",
+        "# (another size needs another SAVE: a run continues from the checkpoint in SAVE)",
+        f"SMOKE=1 DATA={data} SAVE={save}-d128 bash examples/{dataset}/{name}.sh \\",
+        "  --max-update 200 --n-layer 4 --d-model 128 --n-head 4 --d-head 32 --d-inner 512",
+        "# the same smoke run from the hydra config, its values overridden on the command line:",
+        f"fairseq-hydra-train --config-dir examples/{dataset}/configs --config-name {name} \\",
+        *continued(textwrap.wrap(" ".join([f"task.data={data}"] + hydra), 98, initial_indent="  ",
+                                 subsequent_indent="  ")),
+        "```",
+        "",
+        *textwrap.wrap(f"Evaluate a hydra smoke run with the script's `fairseq-eval-lm` lines, "
+                       f"`--path {save}-hydra/checkpoint_best.pt` and `--num-shards {SMOKE_TEST_SHARDS} --shard-id 0` "
+                       f"(the first 1/{SMOKE_TEST_SHARDS} of the test split).", 100),
+    ]
 
 
 def rendered_files():

@@ -9,14 +9,17 @@ commands that record their arguments; every recorded command is then run for rea
 process, on a tiny stand-in corpus of the same format: the data preparation, 2 updates of
 fairseq-train and every fairseq-eval-lm line. What a CPU and a stand-in corpus cannot take is
 overridden, and only that (SHRINK, STAND_IN_PREPARE). One script and one hydra config also run
-end to end through the real fairseq-train, fairseq-eval-lm and fairseq-hydra-train commands.
+end to end through the real fairseq-train, fairseq-eval-lm and fairseq-hydra-train commands, and
+two scripts run in their smoke mode (SMOKE=1) as a user runs them.
 """
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -94,7 +97,8 @@ def recorded(tmp_path_factory, stand_ins):
         log.write_text("")
         env = dict(os.environ, PATH=f"{shims}:{os.environ['PATH']}", RAW=str(stand_ins[dataset]),
                    DATA=str(root / "data" / dataset), SAVE=str(root / "save" / dataset / name))
-        env.pop("GPUS", None)
+        for var in ("GPUS", "SMOKE", "PREPARE"):  # the paper's run, whatever the caller's shell sets
+            env.pop(var, None)
         proc = subprocess.run(["bash", EXAMPLES / dataset / f"{name}.sh"], env=env, capture_output=True, text=True)
         assert proc.returncode == 0, f"{name}.sh: {proc.stderr}"
         commands[dataset, name] = [json.loads(line) for line in log.read_text().splitlines()]
@@ -211,17 +215,49 @@ def run_ok(cmd, **kwargs):
 
 
 def test_a_script_runs_through_the_real_commands(prepared, tmp_path):
-    """bash <row>.sh with the real fairseq-train and fairseq-eval-lm (the preparation it would redo
-    is stubbed: the stand-in fails the real corpus's checks, and it ran above)."""
+    """bash <row>.sh with the real fairseq-train and fairseq-eval-lm (PREPARE=0 takes the data-bin
+    prepared above: the stand-in fails the real corpus's checks)."""
     dataset, name = "enwik8", "rmt_m20_bptt1"
-    shims = tmp_path / "bin"
-    shims.mkdir()
-    (shims / "rmt-prepare-enwik8").write_text("#!/bin/sh\n")
-    (shims / "rmt-prepare-enwik8").chmod(0o755)
-    env = dict(os.environ, PATH=f"{shims}:{BIN}:{os.environ['PATH']}", DATA=prepared[dataset],
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", DATA=prepared[dataset], PREPARE="0",
                SAVE=str(tmp_path / "save"), GPUS="1")
+    env.pop("SMOKE", None)
     log = run_ok(["bash", EXAMPLES / dataset / f"{name}.sh", *SHRINK, *SHRINK_VOCAB[dataset]], env=env)
     assert log.count("Loss (base 2)") == 1 + len(ROWS[dataset][name]["evals"])
+
+
+# (dataset, row, fairseq-train flags the user adds): a row with memory and BPTT; a row with a cache,
+# adaptive softmax and two evaluations, whose smoke run is shortened further by a flag
+SMOKE_RUNS = [("enwik8", "rmt_m20_bptt1", []), ("wikitext103", "transformer_xl_mem150", ["--max-update", "10"])]
+
+
+@pytest.mark.parametrize("dataset, name, flags", SMOKE_RUNS)
+def test_smoke_mode_runs_a_row_quickly_on_another_data_bin(prepared, tmp_path, dataset, name, flags):
+    """``SMOKE=1 DATA=... bash <row>.sh`` as the recipes' README gives it, from another directory,
+    with DATA a data-bin that the recipe's RAW did not make (there is no RAW): it says first that
+    it is a smoke run, uses DATA as it is, trains the tiny size for 20 updates (or what a flag
+    says), validates, evaluates every evaluation of the row and ends by saying again that it was
+    a smoke run, all within a minute."""
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", SMOKE="1", DATA=prepared[dataset],
+               OMP_NUM_THREADS="1")
+    for var in ("RAW", "SAVE", "GPUS", "PREPARE"):
+        env.pop(var, None)
+    start = time.monotonic()
+    proc = subprocess.run(["bash", EXAMPLES / dataset / f"{name}.sh", *flags], cwd=tmp_path, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    elapsed = time.monotonic() - start
+    log = proc.stdout
+    assert proc.returncode == 0, log[-3000:]
+    lines = log.splitlines()
+    assert lines[0].startswith(f"SMOKE RUN of {name}.sh, NOT the paper's run"), lines[0]
+    assert lines[-1].startswith(f"SMOKE RUN of {name}.sh finished") and "not the paper's" in lines[-1]
+    assert f"using the data-bin DATA={prepared[dataset]} as it is" in log
+    updates = flags[flags.index("--max-update") + 1] if flags else "20"
+    assert f"num_updates: {updates} >= max_update: {updates}" in log
+    params = int(re.search(r"num\. model params: ([\d,]+)", log).group(1).replace(",", ""))
+    assert params < 1_000_000  # the tiny size, not the paper's 41M / 151M
+    assert (tmp_path / "checkpoints" / dataset / f"{name}-smoke" / "checkpoint_best.pt").is_file()
+    assert log.count("Loss (base 2)") == 1 + len(ROWS[dataset][name]["evals"])
+    assert elapsed < 60, f"a smoke run took {elapsed:.0f} s"
 
 
 def test_a_hydra_config_runs_through_fairseq_hydra_train(prepared, tmp_path):

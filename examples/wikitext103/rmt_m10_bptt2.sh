@@ -12,6 +12,13 @@
 #         --distributed-world-size GPUS x --batch-size 60/GPUS (GPUS must divide 60);
 #         over several nodes, fairseq's --distributed-* flags with the same product.
 #   DATA  data-bin (default data-bin/wikitext-103); SAVE  checkpoints (default checkpoints/wikitext103/rmt_m10_bptt2)
+#   PREPARE  1: prepare DATA from RAW (the default); 0: use DATA, any data-bin, as it is
+#   SMOKE  1: a smoke run, NOT the paper's: the row's memory, BPTT and segment length at 2 layers,
+#         d_model 64, one process, batch 2, 20 updates, 2 validation steps, the evaluations on the
+#         first 1/50 of the test split, the paper's adaptive-softmax cutoffs inside DATA's
+#         vocabulary; SAVE defaults to checkpoints/wikitext103/rmt_m10_bptt2-smoke, and a DATA that
+#         holds a dict.txt is used as it is (PREPARE=0). Flags given to the script override these
+#         values (--max-update 200 --d-model 128 ...).
 # Hydra: fairseq-hydra-train --config-dir examples/wikitext103/configs --config-name rmt_m10_bptt2 task.data=DATA
 set -euo pipefail
 if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
@@ -20,6 +27,21 @@ if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
 fi
 RAW=${RAW:-wikitext-103}
 DATA=${DATA:-data-bin/wikitext-103}
+SMOKE=${SMOKE:-0}
+if [[ -z "${PREPARE:-}" ]]; then  # a smoke run takes a data-bin that is there as it is
+  PREPARE=1
+  if [[ "$SMOKE" == 1 && -f "$DATA/dict.txt" ]]; then PREPARE=0; fi
+fi
+for var in SMOKE PREPARE; do
+  if [[ "${!var}" != 0 && "${!var}" != 1 ]]; then
+    echo "error: $var=${!var}: set $var=1 or $var=0" >&2
+    exit 1
+  fi
+done
+if [[ "$SMOKE" == 1 ]]; then
+  echo "SMOKE RUN of rmt_m10_bptt2.sh, NOT the paper's run: the row's memory, BPTT and segment length at 2 layers, d_model 64, one process, batch 2, 20 updates, 2 validation steps, the evaluations on the first 1/50 of the test split, the paper's adaptive-softmax cutoffs inside DATA's vocabulary"
+  SAVE=${SAVE:-checkpoints/wikitext103/rmt_m10_bptt2-smoke}
+fi
 SAVE=${SAVE:-checkpoints/wikitext103/rmt_m10_bptt2}
 GPUS=${GPUS:-4}
 if (( 60 % GPUS )); then
@@ -28,7 +50,30 @@ if (( 60 % GPUS )); then
 fi
 
 # 1. data (idempotent: a rerun with valid outputs does nothing)
-rmt-prepare-wikitext --input "$RAW" --dataset wikitext-103 --destdir "$DATA"
+if [[ "$PREPARE" == 1 ]]; then
+  rmt-prepare-wikitext --input "$RAW" --dataset wikitext-103 --destdir "$DATA"
+elif [[ -f "$DATA/dict.txt" ]]; then
+  echo "using the data-bin DATA=$DATA as it is (PREPARE=0: not prepared from RAW)"
+else
+  echo "error: DATA=$DATA holds no dict.txt, so it is no fairseq data-bin; with PREPARE=1 it is prepared from RAW" >&2
+  exit 1
+fi
+
+# Smoke run (SMOKE=1): the row's memory, BPTT and segment length at 2 layers, d_model 64, one
+# process, batch 2, 20 updates, 2 validation steps, the evaluations on the first 1/50 of the test
+# split, the paper's adaptive-softmax cutoffs inside DATA's vocabulary.
+TEST_SET=(--gen-subset test)
+if [[ "$SMOKE" == 1 ]]; then
+  VOCAB=$(( $(wc -l < "$DATA/dict.txt") + 4 ))  # dict.txt's symbols and fairseq's 4 specials
+  CUTOFF=
+  for c in 20000 40000 200000; do
+    if (( c < VOCAB )); then CUTOFF=${CUTOFF:+$CUTOFF,}$c; fi
+  done
+  echo "smoke run: adaptive-softmax cutoffs ${CUTOFF:-none} (a vocabulary of $VOCAB)"
+  set -- --adaptive-softmax-cutoff "$CUTOFF" "$@"
+  set -- --n-layer 2 --d-model 64 --n-head 2 --d-head 32 --d-inner 128 --distributed-world-size 1 --batch-size 2 --max-valid-steps 2 --max-update 20 --log-interval 5 "$@"
+  TEST_SET+=(--num-shards 50 --shard-id 0)
+fi
 
 # 2. train
 fairseq-train "$DATA" \
@@ -44,4 +89,8 @@ fairseq-train "$DATA" \
 
 # 3. evaluate, the paper's setting: training segment length and memory: test perplexity 25.32 (Perplexity below)
 fairseq-eval-lm "$DATA" --path "$SAVE/checkpoint_best.pt" --user-dir rmt_plugin --task rmt_lm \
-  --gen-subset test --tokens-per-sample 150 --batch-size 10
+  "${TEST_SET[@]}" --tokens-per-sample 150 --batch-size 10
+
+if [[ "$SMOKE" == 1 ]]; then
+  echo "SMOKE RUN of rmt_m10_bptt2.sh finished: it ran; its numbers are not the paper's (run without SMOKE=1 for that)"
+fi
