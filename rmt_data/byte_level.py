@@ -22,8 +22,9 @@ enwik8). Here the token text keeps the line breaks (fairseq-preprocess reads it 
 ``drop_eos`` then removes every eos from the binarized data, and the dictionary is counted over
 all splits. Example: b"ab\n\ncd" -> tokens 97 98 99 100 (4 tokens for 6 bytes).
 
-The work dir keeps ``{split}.raw`` (the split's bytes) and ``{split}.txt`` (the token text that
-fairseq-preprocess reads).
+The token text that fairseq-preprocess reads, ``{split}.txt`` (about 4 bytes per byte), and
+``{split}.raw`` (the split's bytes, to compare it with) are written to the work area that
+``common.work_area`` gives: removed once the data-bin is published, unless ``--keep-workdir``.
 """
 
 import os
@@ -75,11 +76,8 @@ def iter_token_text(data):
 
 
 def write_split_files(splits, workdir):
-    """Writes ``{split}.raw`` and ``{split}.txt`` into ``workdir``.
-
-    Returns ({split: token text path}, all paths written).
-    """
-    texts, written = {}, []
+    """Writes ``{split}.raw`` and ``{split}.txt`` into ``workdir``; returns {split: token text path}."""
+    texts = {}
     for split, data in splits.items():
         raw, txt = Path(workdir) / f"{split}.raw", Path(workdir) / f"{split}.txt"
         with atomic_open(raw) as f:
@@ -88,8 +86,7 @@ def write_split_files(splits, workdir):
             for piece in iter_token_text(data):
                 f.write(piece)
         texts[split] = txt
-        written += [raw, txt]
-    return texts, written
+    return texts
 
 
 def drop_final_eos(prefix, dictionary):
@@ -208,17 +205,16 @@ def binarize_bytes(splits, workdir, staged, srcdict=None, workers=DEFAULT_WORKER
     """Byte-level binarization of ``splits`` ({split: bytes}) into ``staged``, verified.
     ``newline``: "eos" (a newline byte is fairseq's eos) or "drop" (newline bytes are not tokens).
 
-    Returns (report, work-dir files written). The report holds per-split counts and the
-    dictionary size.
+    ``workdir`` holds the intermediate files. Returns the report: per-split counts and the dictionary
+    size.
     """
     for split, data in splits.items():
         if not data:
             raise UserError(f"{split} split is empty")
     log(f"writing byte-token text to {workdir} ...")
-    texts, written = write_split_files(splits, workdir)
+    texts = write_split_files(splits, workdir)
     if newline == "drop" and srcdict is None:
         srcdict = write_dictionary(splits, Path(workdir) / "dict.txt")
-        written.append(srcdict)
     run_preprocess(texts, staged, srcdict=srcdict, workers=workers)
     dictionary = load_dictionary(staged)
     for split, data in splits.items():
@@ -232,7 +228,7 @@ def binarize_bytes(splits, workdir, staged, srcdict=None, workers=DEFAULT_WORKER
     n_bytes = int((byte_values(dictionary) >= 0).sum()) - 1  # minus eos, counted as the newline
     report = {"splits": rows, "dictionary": {"byte_symbols": n_bytes, "size": len(dictionary)},
               "newline": newline}
-    return report, written
+    return report
 
 
 def print_report(destdir, report):

@@ -7,8 +7,13 @@
   with the same key whose files are all present with those sizes skips the work.
 - No partial outputs: the binarized data and its stamp are built in a hidden staging directory
   next to ``--destdir`` and renamed into place only after every check passed; on any failure the
-  staging directory is removed. Text files in the work dir are written to a temporary name and
-  renamed, so a file under its final name is always complete.
+  staging directory is removed.
+- No leftovers: intermediate files (decompressed inputs, byte-level token text: for enwik8 about
+  five times its size) are written to a hidden directory in the work dir and removed once the
+  data-bin is published, or on failure (``work_area``); ``--keep-workdir`` keeps them in the work
+  dir itself. Inputs there (a downloaded enwik8.zip) stay. The stamp guards the data-bin only, so
+  the skip above does not need them. Files there are written to a temporary name and renamed, so
+  a file under its final name is always complete.
 - fairseq: binarization is stock ``fairseq-preprocess --only-source`` run in a subprocess; counts
   are read back with ``fairseq.data.data_utils.load_indexed_dataset``. fairseq is imported lazily,
   so ``--help`` and the "up to date" path stay fast.
@@ -72,6 +77,9 @@ def add_output_args(p, destdir_default, destdir_help, workdir_help):
                    help=workdir_help + " (default: DESTDIR-raw)")
     p.add_argument("--srcdict", type=Path, metavar="DICT",
                    help="reuse this fairseq dictionary instead of building one from train")
+    p.add_argument("--keep-workdir", action="store_true",
+                   help="keep the intermediate files (decompressed inputs, token text) in the work dir; "
+                        "by default they are removed once the data-bin is written and checked")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help="fairseq-preprocess workers (default: the CPU count, at most 8; "
                         "here %(default)s)")
@@ -174,10 +182,12 @@ def read_stamp(destdir):
         return None
 
 
-def _files_intact(files):
+def _files_intact(destdir, files):
+    """Whether the stamp's files in ``destdir`` are there with their sizes. Stamps written before the
+    work dir was cleaned up also list work-dir files: those may since have been deleted."""
     for name, size in files.items():
         p = Path(name)
-        if not p.is_file() or p.stat().st_size != size:
+        if p.parent == destdir.resolve() and (not p.is_file() or p.stat().st_size != size):
             return False
     return True
 
@@ -199,7 +209,7 @@ def up_to_date(destdir, key, force=False):
         return None
     stamp = read_stamp(destdir)
     if stamp is not None and stamp.get("key") == key:
-        if _files_intact(stamp.get("files", {})):
+        if _files_intact(destdir, stamp.get("files", {})):
             return stamp
         log(f"{destdir}: outputs incomplete or modified since they were made; rebuilding")
         return None
@@ -222,16 +232,37 @@ def staging(destdir):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish(staged, destdir, key, report, extra_files=()):
+@contextmanager
+def work_area(workdir, keep=False):
+    """Yields the directory for intermediate files, which only fairseq-preprocess reads.
+
+    With ``keep`` it is ``workdir`` itself and they stay there (to inspect them). Otherwise it is a
+    hidden directory in ``workdir``, removed on exit, whether the preparation succeeded or not, and
+    ``workdir`` with it if this made it and nothing else is in it.
+    """
+    workdir = Path(workdir)
+    made = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if keep:
+        yield workdir
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=".intermediate-", dir=workdir))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if made and not any(workdir.iterdir()):
+            workdir.rmdir()
+
+
+def publish(staged, destdir, key, report):
     """Moves the staged outputs to ``destdir`` (replacing it), stamp included.
 
     The stamp is written into the staging directory first, so ``destdir`` appears complete with
-    its stamp in one rename. ``extra_files`` are outputs outside ``destdir`` (work-dir files) that
-    the stamp also guards.
+    its stamp in one rename.
     """
     destdir = Path(destdir).resolve()
     files = {str(destdir / p.name): p.stat().st_size for p in sorted(Path(staged).iterdir())}
-    files.update({str(Path(p).resolve()): Path(p).stat().st_size for p in extra_files})
     stamp = {"key": key, "files": files, "report": report}
     atomic_write(Path(staged) / STAMP_NAME, json.dumps(stamp, indent=1).encode())
     os.chmod(staged, 0o777 & ~UMASK)  # mkdtemp makes it private

@@ -25,7 +25,9 @@ A missing train file is allowed only with --srcdict (e.g. WikiText-103 valid/tes
 dictionary of an earlier run): valid and test are then binarized with that dictionary.
 
 Outputs: --destdir (dict.txt, {split}.{bin,idx}, preprocess.log, prepare.json); rerunning with
-valid outputs does nothing.
+valid outputs does nothing. What fairseq-preprocess reads besides the inputs (the decompressed .xz
+files; at the byte level the token text, about 4 bytes per byte) is written to the work dir and
+removed once the data-bin is checked; --keep-workdir keeps it there.
 
 Examples:
   rmt-prepare-wikitext --input ../shared/data/wikitext-2 --dataset wikitext-2
@@ -43,7 +45,7 @@ from . import byte_level
 from .common import (
     SPLITS, UserError, add_output_args, atomic_open, check_srcdict, count_binarized, fingerprint,
     log, make_parser, parse_output_args, print_table, publish, report_skip, require_file, run_main,
-    run_preprocess, sha256_bytes, sha256_file, staging, up_to_date)
+    run_preprocess, sha256_bytes, sha256_file, staging, up_to_date, work_area)
 
 FORMAT = {"word": "wikitext-word/1", "byte": "wikitext-bytes/1"}  # bump when outputs change
 
@@ -95,7 +97,7 @@ def parse_args(argv=None):
                    help="check the known sizes, checksums and token counts of this dataset")
     add_output_args(p, None, "output data-bin directory (default: data-bin/NAME for word level, "
                     "data-bin/NAME-bytes for byte level; NAME: the input directory's name)",
-                    "directory for decompressed files and byte-level text")
+                    "directory for the decompressed files and byte-level text while preparing")
     return parse_output_args(p, argv, default_destdir)
 
 
@@ -190,13 +192,12 @@ def count_dict_words(dict_path):
 # ----------------------------------------------------------------------------- levels
 
 
-def prepare_words(args, files, staged):
-    """Word level: decompress if needed, check, binarize; returns (report, work-dir files)."""
-    texts, written = {}, []
+def prepare_words(args, files, staged, work):
+    """Word level: decompress into ``work`` if needed, check, binarize; returns the report."""
+    texts = {}
     for split, path in files.items():
         if path.suffix == ".xz":
-            path = decompress_to(path, args.workdir / path.stem)
-            written.append(path)
+            path = decompress_to(path, work / path.stem)
         check_known(args.dataset, split, path, path.stat().st_size, lambda p=path: sha256_file(p))
         texts[split] = path
     run_preprocess(texts, staged, srcdict=args.srcdict, workers=args.workers)
@@ -204,18 +205,18 @@ def prepare_words(args, files, staged):
     counts = count_binarized(staged, list(files))
     dict_words = count_dict_words(Path(staged) / "dict.txt")
     check_counts(args.dataset, counts, None if args.srcdict else dict_words)
-    return {"splits": counts, "dict_words": dict_words}, written
+    return {"splits": counts, "dict_words": dict_words}
 
 
-def prepare_bytes(args, files, staged):
-    """Byte level: read, check, binarize in the enwik8 format; returns (report, work-dir files)."""
+def prepare_bytes(args, files, staged, work):
+    """Byte level: read, check, binarize in the enwik8 format (token text in ``work``); returns the
+    report."""
     splits = {}
     for split, path in files.items():
         data = read_bytes(path)
         check_known(args.dataset, split, path, len(data), lambda d=data: sha256_bytes(d))
         splits[split] = data
-    return byte_level.binarize_bytes(splits, args.workdir, staged, srcdict=args.srcdict,
-                                     workers=args.workers)
+    return byte_level.binarize_bytes(splits, work, staged, srcdict=args.srcdict, workers=args.workers)
 
 
 def print_word_report(args, report):
@@ -241,10 +242,10 @@ def main(argv=None):
         dictionary = check_srcdict(args.srcdict)
         if args.level == "byte":
             byte_level.check_byte_dictionary(dictionary, f"--srcdict {args.srcdict}")
-    with staging(args.destdir) as staged:
+    with staging(args.destdir) as staged, work_area(args.workdir, args.keep_workdir) as work:
         prepare = prepare_bytes if args.level == "byte" else prepare_words
-        report, written = prepare(args, files, staged)
-        publish(staged, args.destdir, key, report, extra_files=written)
+        report = prepare(args, files, staged, work)
+        publish(staged, args.destdir, key, report)
     if args.level == "byte":
         byte_level.print_report(args.destdir, report)
     else:

@@ -136,11 +136,12 @@ def standin(tmp_path_factory):
 @pytest.fixture(scope="module")
 def enwik8_built(standin, tmp_path_factory):
     """The stand-in zip prepared with the size and sha256 checks on (set to the stand-in's), by the
-    installed command (the rerun test below runs the checkout wrapper on the same outputs)."""
+    installed command (the rerun test below runs the checkout wrapper on the same outputs), keeping
+    the intermediate files."""
     out = tmp_path_factory.mktemp("enwik8-out")
     destdir, workdir = out / "data-bin", out / "work"
     proc = run_ok("rmt-prepare-enwik8", "--input", standin["zip"], "--destdir", destdir,
-                  "--workdir", workdir, "--expected-size", N_STANDIN,
+                  "--workdir", workdir, "--keep-workdir", "--expected-size", N_STANDIN,
                   "--expected-sha256", standin["sha256"], "--workers", WORKERS, "--newline", "eos")
     return {"destdir": destdir, "workdir": workdir, "stdout": proc.stdout}
 
@@ -152,7 +153,7 @@ def enwik8_authors(standin, tmp_path_factory):
     destdir = out / "data-bin"
     proc = run_ok("rmt-prepare-enwik8", "--input", standin["zip"], "--destdir", destdir,
                   "--workdir", out / "work", "--no-verify", "--workers", WORKERS)
-    return {"destdir": destdir, "stdout": proc.stdout}
+    return {"destdir": destdir, "workdir": out / "work", "stdout": proc.stdout}
 
 
 def authors_stream(part):
@@ -219,7 +220,31 @@ def test_enwik8_decodes_to_the_original_bytes(standin, enwik8_built):
     for split, part in STANDIN_SPLITS.items():
         original = standin["data"][part]
         assert decode_bytes(enwik8_built["destdir"], split) == original
-        assert (enwik8_built["workdir"] / f"{split}.raw").read_bytes() == original
+        assert (enwik8_built["workdir"] / f"{split}.raw").read_bytes() == original  # --keep-workdir
+        assert (enwik8_built["workdir"] / f"{split}.txt").stat().st_size > len(original)
+
+
+def test_enwik8_work_dir_keeps_no_intermediates_and_a_rerun_does_nothing(standin, enwik8_authors):
+    """The token text (~0.4 GB for enwik8) is removed once the data-bin is written; the work dir,
+    made for it, goes too. A rerun still finds the outputs up to date."""
+    assert not enwik8_authors["workdir"].exists()
+    before = snapshot(enwik8_authors["destdir"])
+    proc = run_ok("rmt-prepare-enwik8", "--input", standin["zip"], "--destdir", enwik8_authors["destdir"],
+                  "--workdir", enwik8_authors["workdir"], "--no-verify", "--workers", WORKERS)
+    assert "up to date" in proc.stdout
+    assert snapshot(enwik8_authors["destdir"]) == before and not enwik8_authors["workdir"].exists()
+
+
+def test_enwik8_downloaded_zip_stays_in_the_work_dir(standin, tmp_path):
+    """Without --input the zip is downloaded into the work dir (here: already there, as after a
+    download): an input, not an intermediate, so it stays; nothing else does."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "enwik8.zip").write_bytes(standin["zip"].read_bytes())
+    run_ok("rmt-prepare-enwik8", "--destdir", tmp_path / "bin", "--workdir", workdir, "--no-verify",
+           "--workers", WORKERS)
+    assert sorted(p.name for p in workdir.iterdir()) == ["enwik8.zip"]
+    assert n_tokens(tmp_path / "bin", "test") == len(authors_stream(standin["data"][STANDIN_SPLITS["test"]]))
 
 
 def test_enwik8_rerun_is_idempotent(standin, enwik8_built):
@@ -259,6 +284,9 @@ def test_damaged_or_foreign_outputs_are_not_taken_for_valid(enwik8_built, tmp_pa
         path.write_bytes(bytes(size))
         files[str(path)] = size
     (copy / STAMP_NAME).write_text(json.dumps({**stamp, "files": files}))
+    assert up_to_date(copy, key) is not None
+    # stamps written before the work dir was cleaned up also list its files: deleting them is fine
+    (copy / STAMP_NAME).write_text(json.dumps({**stamp, "files": {**files, str(tmp_path / "work" / "train.txt"): 9}}))
     assert up_to_date(copy, key) is not None
     (copy / "train.bin").write_bytes(bytes(10))  # damaged: rebuild
     assert up_to_date(copy, key) is None
@@ -433,6 +461,24 @@ def test_wikitext_corrupt_xz_one_line_error(tmp_path, level):
     assert not list(tmp_path.glob(".bin*"))  # no staging directory left
     work = sorted(p.name for p in (tmp_path / "work").glob("*")) if level == "word" else []
     assert "wiki.valid.tokens" not in work and not [n for n in work if n.startswith(".")]
+
+
+@pytest.mark.parametrize("level", ["word", "byte"])
+def test_wikitext_work_dir_keeps_no_intermediates_and_a_rerun_does_nothing(tmp_path, level):
+    """From .xz inputs: neither the decompressed files nor the byte-level token text stay."""
+    indir = tmp_path / "in"
+    indir.mkdir()
+    for split in SPLITS:
+        (indir / f"wiki.{split}.tokens.xz").write_bytes(lzma.compress((TINY / f"wiki.{split}.tokens").read_bytes()))
+    args = ["--input", indir, "--level", level, "--destdir", tmp_path / "bin", "--workdir", tmp_path / "work",
+            "--workers", WORKERS]
+    run_ok("prepare_wikitext.py", *args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "in"]
+    assert n_tokens(tmp_path / "bin", "valid") == (TINY_COUNTS["valid"][1] if level == "word"
+                                                   else len((TINY / "wiki.valid.tokens").read_bytes()))
+    before = snapshot(tmp_path / "bin")
+    assert "up to date" in run_ok("prepare_wikitext.py", *args).stdout
+    assert snapshot(tmp_path / "bin") == before and not (tmp_path / "work").exists()
 
 
 def test_wikitext_missing_train_needs_srcdict(tiny_word, tmp_path):
