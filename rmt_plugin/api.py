@@ -34,7 +34,8 @@ def load(path: str, device: str = "cpu", overrides: Optional[dict] = None) -> "S
     from fairseq import checkpoint_utils
 
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides=overrides or {})
-    return StreamingLM(models[0].to(device).eval(), task.target_dictionary, cfg.task.tokens_per_sample)
+    # the segment length validation used: with --tokens-per-sample-schedule, its last value
+    return StreamingLM(models[0].to(device).eval(), task.target_dictionary, task.length_schedule[-1])
 
 
 class StreamState(NamedTuple):

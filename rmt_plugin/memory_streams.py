@@ -12,6 +12,12 @@ tokens after its source token. Example, copy, ``--source-len 3 --gap 2``::
     s4 s1 s7 _ _ <sep> s4 s1 s7
     s0 s0 s9 _ _ <sep> s0 s0 s9
 
+``--filler random`` fills the gap with random draws from ``--filler-symbols`` symbols of their own
+(``~0``, ``~1``, ...) instead: a sparse dependency in noise, as in natural text, where most of
+the loss is on tokens no memory can predict::
+
+    s4 s1 s7 ~13 ~2 <sep> s4 s1 s7
+
 A Transformer-XL of L layers and cache M reaches at most ``L x M + T`` tokens back, so with a
 longer dependency only a memory carried by the model itself can solve the task.
 
@@ -25,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -35,12 +42,20 @@ from .memory_tasks import MEMORY_TASKS, SEPARATOR, SPLITS, build_memory_task, ge
 
 logger = logging.getLogger(__name__)
 BLANK = "_"
+FILLER = "~{}"
 
 
-def example_line(memory_task, source, target, gap: int) -> str:
+def example_line(memory_task, source, target, gap: list) -> str:
     symbols = memory_task.symbols
-    words = [symbols[i] for i in source] + [BLANK] * gap + [SEPARATOR] + [symbols[i] for i in target]
-    return " ".join(words)
+    return " ".join([symbols[i] for i in source] + gap + [SEPARATOR] + [symbols[i] for i in target])
+
+
+def gap_filler(args, split: str):
+    """The gap's tokens, one list per call: blanks, or random filler symbols (reproducible per split)."""
+    if args.filler == "blank":
+        return lambda: [BLANK] * args.gap
+    rng = random.Random(f"{args.data_seed}-{split}")
+    return lambda: [FILLER.format(rng.randrange(args.filler_symbols)) for _ in range(args.gap)]
 
 
 def write_streams(args) -> None:
@@ -49,18 +64,23 @@ def write_streams(args) -> None:
                           num_pairs=args.num_pairs, num_symbols=args.num_symbols, tokens_per_sample=1,
                           max_segments=sys.maxsize)
     memory_task = build_memory_task(cfg)
-    if BLANK in memory_task.symbols or SEPARATOR in memory_task.symbols:
-        raise ValueError(f"--memory-task {args.memory_task!r} uses {BLANK!r} or {SEPARATOR!r} as a symbol")
+    if BLANK in memory_task.symbols or SEPARATOR in memory_task.symbols or any(
+            s.startswith(FILLER[0]) for s in memory_task.symbols):
+        raise ValueError(f"--memory-task {args.memory_task!r} uses {BLANK!r}, {SEPARATOR!r} or "
+                         f"{FILLER[0]!r}... as a symbol")
     if args.gap < 0:
         raise ValueError(f"--gap must be >= 0, got {args.gap}")
+    if args.filler == "random" and args.filler_symbols < 1:
+        raise ValueError(f"--filler-symbols must be >= 1, got {args.filler_symbols}")
     text_dir = os.path.join(args.destdir, "text")
     os.makedirs(text_dir, exist_ok=True)
     sizes = {"train": args.train_size, "valid": args.valid_size, "test": args.test_size}
     for split in SPLITS:
         examples = generate_split(memory_task, split, sizes[split], args.data_seed)
+        gap = gap_filler(args, split)
         with open(os.path.join(text_dir, f"{split}.txt"), "w") as f:
             for source, target in examples:
-                f.write(example_line(memory_task, source, target, args.gap) + "\n")
+                f.write(example_line(memory_task, source, target, gap()) + "\n")
     subprocess.run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source",
                     "--trainpref", os.path.join(text_dir, "train.txt"),
                     "--validpref", os.path.join(text_dir, "valid.txt"),
@@ -110,8 +130,8 @@ def score_checkpoint(path: str, data: str, split: str, tokens_per_sample=None, m
     from fairseq import checkpoint_utils
 
     task_overrides = {"data": data}
-    if tokens_per_sample:
-        task_overrides["tokens_per_sample"] = tokens_per_sample
+    if tokens_per_sample:  # replaces the training's T, and so its T schedule if it had one
+        task_overrides.update(tokens_per_sample=tokens_per_sample, tokens_per_sample_schedule=None)
     models, _, task = checkpoint_utils.load_model_ensemble_and_task(
         [path], arg_overrides=dict(task_overrides, **(model_overrides or {})))
     model = models[0].eval()
@@ -134,7 +154,10 @@ def main(argv=None):
     write.add_argument("--copy-repeats", type=int, default=1)
     write.add_argument("--num-pairs", type=int, default=4)
     write.add_argument("--num-symbols", type=int, default=10)
-    write.add_argument("--gap", type=int, default=0, help="blank tokens between source and <sep>")
+    write.add_argument("--gap", type=int, default=0, help="tokens between source and <sep>")
+    write.add_argument("--filler", choices=["blank", "random"], default="blank",
+                       help="the gap's tokens: blanks (predictable) or random filler symbols (noise in the loss)")
+    write.add_argument("--filler-symbols", type=int, default=32, help="--filler random: symbols drawn from")
     write.add_argument("--train-size", type=int, default=20000)
     write.add_argument("--valid-size", type=int, default=500)
     write.add_argument("--test-size", type=int, default=1000)

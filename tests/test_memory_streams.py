@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from rmt_plugin.memory_streams import TargetScorer, main
+from rmt_plugin.memory_streams import TargetScorer, main, score_checkpoint
 
 SEP, EOS = 5, 2
 
@@ -26,8 +26,25 @@ def test_written_stream_has_one_example_a_line_with_the_gap(tmp_path):
     assert not train & set(lines)  # splits never share a source
 
 
+def test_random_filler_fills_the_gap_with_its_own_symbols_reproducibly(tmp_path):
+    def gaps(destdir):
+        main(["write", "--destdir", str(destdir), "--source-len", "2", "--gap", "5", "--filler", "random",
+              "--filler-symbols", "3", "--train-size", "50", "--valid-size", "5", "--test-size", "40"])
+        lines = (destdir / "text" / "test.txt").read_text().splitlines()
+        for line in lines:
+            source, target = line.split(" <sep> ")
+            assert source.split()[:2] == target.split()  # the copy still holds
+        return [line.split(" <sep> ")[0].split()[2:] for line in lines]
+
+    first = gaps(tmp_path / "a")
+    assert all(len(gap) == 5 for gap in first)
+    assert {word for gap in first for word in gap} == {"~0", "~1", "~2"}  # random, from 3 filler symbols
+    assert gaps(tmp_path / "b") == first  # the same --data-seed writes the same stream
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--gap", "-1"], "--gap must be >= 0"),
+    (["--filler", "random", "--filler-symbols", "0"], "--filler-symbols must be >= 1"),
     (["--memory-task", "nope"], "--memory-task 'nope' is unknown"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, flags, message):
@@ -70,3 +87,17 @@ def test_rmt_learns_a_copy_stream_through_its_memory(tmp_path):
                    "--segments-per-sample", "4", "--bptt-depth", "3", "--max-update", "800")
     assert result["examples"] == 500
     assert result["exact_match"] > 0.9, result
+
+
+def test_a_checkpoint_trained_with_a_segment_length_schedule_is_scored_at_any_length(tmp_path):
+    data = tmp_path / "bin"
+    main(["write", "--destdir", str(data), "--source-len", "2", "--gap", "4", "--train-size", "200",
+          "--valid-size", "10", "--test-size", "20"])
+    subprocess.run([sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", "rmt_plugin", "--task",
+                    "rmt_lm", "--criterion", "rmt_lm", "--arch", "rmt_tiny", "--tokens-per-sample-schedule", "16,8",
+                    "--batch-size", "4", "--optimizer", "adam", "--lr", "1e-3", "--max-update", "2", "--save-dir",
+                    str(tmp_path), "--no-epoch-checkpoints", "--disable-validation", "--cpu", "--num-workers", "0"],
+                   check=True, capture_output=True, timeout=300)
+    for length in (None, 4):  # the schedule's last T, or the one asked for (it replaces the schedule)
+        result = score_checkpoint(str(tmp_path / "checkpoint_last.pt"), str(data), "test", length)
+        assert result["examples"] == 20
