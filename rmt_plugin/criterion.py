@@ -65,9 +65,10 @@ BPTT_MODES = ChoiceEnum(list(bptt.SCHEDULES))
 @dataclass
 class RMTLMCriterionConfig(FairseqDataclass):
     bptt_depth: int = field(
-        default=1,
+        default=3,
         metadata={"help": "gradient flows through the memory of at most this many previous segments "
-                          "(0: memory is a detached input)"},
+                          "(0: memory is a detached input; the default 3 unrolls the task's default "
+                          "--segments-per-sample 4 in chunk mode)"},
     )
     bptt_depth_schedule: Optional[str] = field(
         default=None,

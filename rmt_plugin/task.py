@@ -49,6 +49,10 @@ from .resume import StreamCursors, data_parallel_rank_and_size
 logger = logging.getLogger(__name__)
 
 TOKENS_PER_SAMPLE_DEFAULT = 512
+# Four segments per row, so that the criterion's default BPTT depth of 3 (chunk mode) has a row to
+# unroll: with one segment per row every chunk would be cut at the batch border and the memory
+# would get no BPTT at all (the measurements behind this default: docs/memory_in_lm.md, section 4).
+SEGMENTS_PER_SAMPLE_DEFAULT = 4
 
 
 @dataclass
@@ -62,9 +66,10 @@ class RMTLMConfig(FairseqDataclass):
         default=TOKENS_PER_SAMPLE_DEFAULT, metadata={"help": "segment length T: tokens the model reads per segment"}
     )
     segments_per_sample: int = field(
-        default=1,
+        default=SEGMENTS_PER_SAMPLE_DEFAULT,
         metadata={"help": "K consecutive segments per batch row (batches are B x K*T) for the "
-                  "criterion to unroll; fairseq-eval-lm always feeds one segment per batch"},
+                  "criterion to unroll (the default 4 fits the default --bptt-depth 3); fairseq-eval-lm "
+                  "always feeds one segment per batch"},
     )
     segments_per_sample_schedule: Optional[str] = field(
         default=None,
@@ -202,7 +207,7 @@ class RMTLMTask(CarriedMemorySteps, ChecksCriterionAgainstModel, FairseqTask):
         super().__init__(cfg)
         _check_positive(cfg.tokens_per_sample, "--tokens-per-sample")
         _check_positive(cfg.segments_per_sample, "--segments-per-sample")
-        if cfg.segments_per_sample_schedule is not None and cfg.segments_per_sample != 1:
+        if cfg.segments_per_sample_schedule is not None and cfg.segments_per_sample != SEGMENTS_PER_SAMPLE_DEFAULT:
             raise ValueError("--segments-per-sample-schedule replaces --segments-per-sample: give one of them")
         if cfg.tokens_per_sample_schedule is not None and cfg.tokens_per_sample != TOKENS_PER_SAMPLE_DEFAULT:
             raise ValueError("--tokens-per-sample-schedule replaces --tokens-per-sample: give one of them")

@@ -14,7 +14,7 @@ import torch
 from fairseq.data import Dictionary, indexed_dataset
 
 from rmt_plugin.model import RMTConfig, RMTLanguageModel
-from rmt_plugin.task import RMTLMConfig, RMTLMTask
+from rmt_plugin.task import SEGMENTS_PER_SAMPLE_DEFAULT, RMTLMConfig, RMTLMTask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,10 +124,13 @@ def data(tmp_path):
     return tmp_path, streams, d
 
 
-def make_stream_task(data_dir, tokens_per_sample=4, segments_per_sample=1, batch_size=3, splits=("train",), schedule=None,
+def make_stream_task(data_dir, tokens_per_sample=4, segments_per_sample=None, batch_size=3, splits=("train",), schedule=None,
                      length_schedule=None, valid_subset="valid"):
     cfg = RMTLMConfig(data=str(data_dir), tokens_per_sample=tokens_per_sample,
-                      segments_per_sample=segments_per_sample, batch_size=batch_size,
+                      # K = 1 unless given; a schedule replaces K, which then keeps its default
+                      segments_per_sample=(segments_per_sample if segments_per_sample is not None
+                                           else 1 if schedule is None else SEGMENTS_PER_SAMPLE_DEFAULT),
+                      batch_size=batch_size,
                       segments_per_sample_schedule=schedule, tokens_per_sample_schedule=length_schedule,
                       valid_subset=valid_subset)
     task = RMTLMTask.setup_task(cfg)

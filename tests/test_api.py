@@ -31,6 +31,15 @@ def checkpoint(tiny_data_bin, tmp_path_factory):
     return save / "checkpoint_last.pt"
 
 
+def test_a_checkpoint_trained_with_a_segment_length_schedule_reads_segments_of_its_last_length(
+        tiny_data_bin, tmp_path):
+    run_cli("fairseq_cli.train", tiny_data_bin, "--user-dir", "rmt_plugin", "--task", "rmt_lm", "--arch", "rmt_tiny",
+            "--criterion", "rmt_lm", "--tokens-per-sample-schedule", "16,4", "--batch-size", "2", "--optimizer",
+            "adam", "--lr", "3e-3", "--max-update", "2", "--cpu", "--num-workers", "0", "--save-dir", tmp_path,
+            "--no-epoch-checkpoints", cwd=tmp_path)
+    assert load(tmp_path / "checkpoint_last.pt").segment_length == 4  # as validation, not the default 512
+
+
 def split_tokens(data_bin, split):
     dictionary = Dictionary.load(str(data_bin / "dict.txt"))
     lines = data_utils.load_indexed_dataset(str(data_bin / split), dictionary)
@@ -54,7 +63,7 @@ def test_the_memory_is_carried_between_calls_and_can_be_reset_or_swapped(checkpo
     lm.reset()
     first = lm.score(tokens[:, :2 * T])
     saved = lm.state  # after 2 segments
-    assert lm.memory.shape == (1, 4, 64)  # rmt_xl_tiny: m = 4, d_model 64
+    assert lm.memory.shape == (1, 8, 64)  # rmt_xl_tiny: m = 8, d_model 64
     parts = torch.cat([first, lm.score(tokens[:, 2 * T:])], dim=1)
     torch.testing.assert_close(parts, whole)  # two calls read the stream as one
     lm.reset()

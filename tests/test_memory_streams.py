@@ -75,16 +75,18 @@ def train(data, save_dir, *flags):
          str(save_dir / "checkpoint_last.pt")], check=True, capture_output=True, text=True).stdout)
 
 
-def test_rmt_learns_a_copy_stream_through_its_memory(tmp_path):
+def test_rmt_learns_a_copy_stream_through_its_memory_with_the_defaults(tmp_path):
     """Two symbols copied 7 tokens later, examples back to back, memory never reset: with
     segments of 8 most copies cross a segment border, so only the carried memory solves them
-    (chance: 0.1 per token). Fails when the memory is not learned (e.g. --bptt-depth 0), and with
-    the paper's write input (--memory-write-input memory: exact match 0.626, accuracy 0.813)."""
+    (chance: 0.1 per token). No memory or BPTT flag: ``rmt_tiny`` and the task's and criterion's
+    defaults must be settings that learn. Fails with the defaults before issue #21 (4 memory
+    tokens, --segments-per-sample 1, --bptt-depth 1: no BPTT at all), when the memory is not
+    learned (e.g. --bptt-depth 0), and with the paper's write input (--memory-write-input memory:
+    exact match 0.626, accuracy 0.813, at m = 4)."""
     data = tmp_path / "bin"
     main(["write", "--destdir", str(data), "--source-len", "2", "--gap", "4", "--train-size", "20000",
           "--valid-size", "10", "--test-size", "500"])
-    result = train(data, tmp_path / "rmt", "--arch", "rmt_tiny", "--num-mem-tokens", "4",
-                   "--segments-per-sample", "4", "--bptt-depth", "3", "--max-update", "800")
+    result = train(data, tmp_path / "rmt", "--arch", "rmt_tiny", "--max-update", "800")
     assert result["examples"] == 500
     assert result["exact_match"] > 0.9, result
 

@@ -136,8 +136,8 @@ def test_tokens_per_sample_schedule_sets_the_segment_length_of_each_epoch(data):
 
 
 @pytest.mark.parametrize("schedule, segments, needle", [
-    ("1,x", 1, "--segments-per-sample-schedule must be comma-separated integers"),
-    ("2,0", 1, "--segments-per-sample-schedule values must be >= 1"),
+    ("1,x", None, "--segments-per-sample-schedule must be comma-separated integers"),
+    ("2,0", None, "--segments-per-sample-schedule values must be >= 1"),
     ("1,2", 2, "--segments-per-sample-schedule replaces --segments-per-sample"),
 ])
 def test_segments_per_sample_schedule_errors(data, schedule, segments, needle):
