@@ -67,8 +67,7 @@ class RMTLMCriterionConfig(FairseqDataclass):
     bptt_depth: int = field(
         default=3,
         metadata={"help": "gradient flows through the memory of at most this many previous segments "
-                          "(0: memory is a detached input; the default 3 unrolls the task's default "
-                          "--segments-per-sample 4 in chunk mode)"},
+                          "(0: memory is a detached input; prefix mode: at least this many)"},
     )
     bptt_depth_schedule: Optional[str] = field(
         default=None,
@@ -76,8 +75,10 @@ class RMTLMCriterionConfig(FairseqDataclass):
                           "value from then on (e.g. 0,1,3; replaces --bptt-depth; see epoch_schedule.py)"},
     )
     bptt_mode: BPTT_MODES = field(
-        default="chunk",
-        metadata={"help": "chunk: detach every bptt_depth+1 segments, one forward per segment; sliding: "
+        default="prefix",
+        metadata={"help": "(default prefix: it learned sparse dependencies that chunk did not, and more of "
+                          "Transformer-XL's improvement, docs/memory_in_lm.md section 4) "
+                          "chunk: detach every bptt_depth+1 segments, one forward per segment; sliding: "
                           "re-run the previous bptt_depth segments for every segment (bptt_depth+1 forwards); "
                           "prefix: re-run the previous batch's last bptt_depth segments once per batch, then "
                           "back-propagate through the whole row (every loss reaches >= bptt_depth segments "

@@ -49,9 +49,9 @@ from .resume import StreamCursors, data_parallel_rank_and_size
 logger = logging.getLogger(__name__)
 
 TOKENS_PER_SAMPLE_DEFAULT = 512
-# Four segments per row, so that the criterion's default BPTT depth of 3 (chunk mode) has a row to
-# unroll: with one segment per row every chunk would be cut at the batch border and the memory
-# would get no BPTT at all (the measurements behind this default: docs/memory_in_lm.md, section 4).
+# Four segments per row, back-propagated through together with the criterion's default prefix of
+# 3 re-run segments (--bptt-mode prefix, --bptt-depth 3): with one segment per row and chunk BPTT,
+# the defaults before, the memory got no BPTT at all (the measurements: docs/memory_in_lm.md, 4).
 SEGMENTS_PER_SAMPLE_DEFAULT = 4
 
 
@@ -68,7 +68,7 @@ class RMTLMConfig(FairseqDataclass):
     segments_per_sample: int = field(
         default=SEGMENTS_PER_SAMPLE_DEFAULT,
         metadata={"help": "K consecutive segments per batch row (batches are B x K*T) for the "
-                  "criterion to unroll (the default 4 fits the default --bptt-depth 3); fairseq-eval-lm "
+                  "criterion to unroll; fairseq-eval-lm "
                   "always feeds one segment per batch"},
     )
     segments_per_sample_schedule: Optional[str] = field(
@@ -362,7 +362,7 @@ def _check_streams(stream: TokenStream, batch_size, num_shards, flag="--batch-si
     if len(stream) < batch_size * num_shards:
         raise ValueError(
             f"split '{stream.split}' has {len(stream)} tokens, fewer than the {batch_size * num_shards} streams "
-            f"asked for ({flag} {batch_size} x {num_shards} data-parallel ranks)"
+            f"asked for ({flag} {batch_size} x {num_shards} shards: data-parallel ranks, or eval-lm's --num-shards)"
         )
 
 

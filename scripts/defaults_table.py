@@ -5,7 +5,7 @@ Transformer-XL, on the embedded corpus at the byte level.
 
     python scripts/defaults_table.py --out docs/study/defaults
     python scripts/defaults_table.py --out docs/study/defaults-before --name before \\
-        --task-flags "--segments-per-sample 1 --bptt-depth 1" --rmt-flags "--num-mem-tokens 4"
+        --task-flags "--segments-per-sample 1 --bptt-depth 1 --bptt-mode chunk" --rmt-flags "--num-mem-tokens 4"
 
 (the second line: the defaults before issue #21, for the before/after table). Each model is
 trained with ``fairseq-train`` and its test split scored as one stream (batch 1) by

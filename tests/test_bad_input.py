@@ -25,7 +25,7 @@ CATALOGUE = {
     "valid split smaller than its streams": (
         "tiny", "fairseq-train", [*RMT, "--batch-size", "200"],
         "ValueError: split 'valid' has 181 tokens, fewer than the 200 streams asked for "
-        "(--batch-size-valid 200 x 1 data-parallel ranks)"),
+        "(--batch-size-valid 200 x 1 shards: data-parallel ranks, or eval-lm's --num-shards)"),
     "empty split": (
         "empty valid", "fairseq-train", RMT,
         "ValueError: --task rmt_lm: split 'valid' is empty ({data}/valid.bin has no tokens)"),
