@@ -1,0 +1,121 @@
+"""Sparse recall through random filler, learned from the plain LM loss (docs/memory_in_lm.md, 3b).
+
+A copy stream (``python -m rmt_plugin.memory_streams write --filler random``): two symbols, a gap
+of random filler symbols, ``<sep>``, the two symbols again, loss on every token. Each method is
+trained with ``fairseq-train`` on the same batches (segments of T = 8, K segments per row, batch
+16: the same tokens per update) and scored by ``memory_streams score`` on the test split as one
+stream: exact match of the copy (chance 0.01) and token accuracy (chance 0.1).
+
+    python scripts/sparse_recall.py --gaps 4 24 40 --seeds 1 2 3 --out docs/study/sparse-recall
+
+A Transformer-XL of 2 layers and cache 16 (``transformer_xl_tiny``) with T = 8 reaches 2 x 16 + 8 =
+40 tokens back; the copy's distance is gap + 3. Data-bins are written to ``--workdir`` if missing,
+finished runs reused.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = {  # name -> (label, flags beyond the common ones)
+    "transformer_xl": ("Transformer-XL (cache 16)", "--arch transformer_xl_tiny"),
+    "rmt": ("RMT", "--arch rmt_tiny"),
+    "rmt_tschedule": ("RMT, T schedule {schedule}", "--arch rmt_tiny --tokens-per-sample-schedule {schedule}"),
+}
+
+
+def run(cmd, log):
+    with open(log, "w") as f:
+        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode:
+            sys.exit(f"sparse_recall: {cmd[0]} failed, see {log}")
+
+
+def data_bin(args, gap):
+    path = Path(args.workdir) / f"data-rcopy2-gap{gap}"
+    if not (path / "memory_stream.json").exists():
+        run([sys.executable, "-m", "rmt_plugin.memory_streams", "write", "--destdir", str(path), "--source-len", "2",
+             "--gap", str(gap), "--filler", "random", "--train-size", str(args.train_size)],
+            Path(args.workdir) / f"write-gap{gap}.log")
+    return path
+
+
+def train_and_score(args, gap, method, seed):
+    data = data_bin(args, gap)
+    flags = METHODS[method][1].format(schedule=args.schedule)
+    tag = args.flags_name + (f"{args.schedule.replace(',', '-')}-" if method == "rmt_tschedule" else "")
+    save = Path(args.workdir) / f"gap{gap}-{method}-{tag}seed{seed}"
+    result = save / "test-score.json"
+    finished = save / f"finished-{args.updates}"
+    if not finished.exists():
+        save.mkdir(parents=True, exist_ok=True)
+        run(["fairseq-train", str(data), "--user-dir", "rmt_plugin", "--task", "rmt_lm", "--criterion", "rmt_lm",
+             *flags.split(), *(args.rmt_flags.split() if method.startswith("rmt") else []),
+             *([] if "--tokens-per-sample-schedule" in flags else ["--tokens-per-sample", "8"]),
+             "--segments-per-sample", str(args.segments),
+             "--batch-size", "16", *args.flags.split(), "--optimizer", "adam", "--lr", str(args.lr),
+             "--clip-norm", "0.25", "--max-update", str(args.updates), "--disable-validation",
+             "--save-dir", str(save), "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "500",
+             "--num-workers", "0", "--seed", str(seed)], save / "train.log")
+        finished.touch()
+    if not result.exists():
+        run([sys.executable, "-m", "rmt_plugin.memory_streams", "score", str(data), "--path",
+             str(save / "checkpoint_last.pt"), "--tokens-per-sample", "8"], save / "score.log")
+        score = json.loads(Path(save / "score.log").read_text().strip().splitlines()[-1])
+        result.write_text(json.dumps(score) + "\n")
+    return json.loads(result.read_text())
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gaps", nargs="+", type=int, default=[4, 24, 40])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--segments", type=int, default=4, help="segments per batch row K")
+    parser.add_argument("--updates", type=int, default=3000)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--train-size", type=int, default=20000, help="training examples")
+    parser.add_argument("--flags", default="", help="added to every method's fairseq-train command")
+    parser.add_argument("--schedule", default="32,16,8", help="rmt_tschedule's --tokens-per-sample-schedule")
+    parser.add_argument("--rmt-flags", default="", help="added to the RMT methods' commands only")
+    parser.add_argument("--workdir", default="checkpoints/sparse-recall")
+    parser.add_argument("--out", help="OUT.md and OUT.json are written")
+    args = parser.parse_args(argv)
+    flags = args.flags + args.rmt_flags
+    args.flags_name = "".join(c for c in flags if c.isalnum()) + ("-" if flags else "")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.workdir = str(Path(args.workdir).resolve())
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    results = {(gap, method): [train_and_score(args, gap, method, seed) for seed in args.seeds]
+               for gap in args.gaps for method in args.methods}
+    lines = ["| distance (gap + 3) | " + " | ".join(METHODS[m][0].format(schedule=args.schedule)
+                                                   for m in args.methods) + " |",
+             "|---|" + "---|" * len(args.methods)]
+    for gap in args.gaps:
+        cells = []
+        for method in args.methods:
+            exact = [r["exact_match"] for r in results[gap, method]]
+            accuracy = [r["accuracy"] for r in results[gap, method]]
+            cells.append(f"{statistics.mean(exact):.3f} ({', '.join(f'{e:.2f}' for e in exact)}; "
+                         f"acc {statistics.mean(accuracy):.2f})")
+        lines.append(f"| {gap + 3}{' (beyond)' if gap + 3 > 40 else ''} | " + " | ".join(cells) + " |")
+    lines += ["", f"exact match, mean (per seed {', '.join(map(str, args.seeds))}; token accuracy); {args.updates} "
+              f"updates of 16 x {args.segments} x 8 tokens, Adam {args.lr}; flags: '{args.flags}', RMT only: '{args.rmt_flags}'."]
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+        Path(args.out + ".json").write_text(json.dumps(
+            {"settings": {k: v for k, v in vars(args).items() if k != "flags_name"},
+             "results": {f"gap{g}-{m}": r for (g, m), r in results.items()}}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
