@@ -140,13 +140,13 @@ def train_flags(name, args):
     return ours + {
         "baseline": ["--bptt-depth", "0"],
         "transformer_xl": ["--mem-len", str(T), "--bptt-depth", "0"],
-        "rmt_chunk": memory + ["--bptt-depth", "1"],
-        "rmt_chunk_replay": memory + ["--bptt-depth", "3", "--memory-replay"],
+        "rmt_chunk": memory + ["--bptt-depth", "1", "--bptt-mode", "chunk"],
+        "rmt_chunk_replay": memory + ["--bptt-depth", "3", "--bptt-mode", "chunk", "--memory-replay"],
         "rmt_sliding": memory + ["--bptt-depth", "3", "--bptt-mode", "sliding"],
         "rmt_sliding_replay": memory + ["--bptt-depth", "3", "--bptt-mode", "sliding", "--memory-replay"],
         "rmt_prefix": memory + ["--bptt-depth", "3", "--bptt-mode", "prefix"],
         "rmt_prefix_replay": memory + ["--bptt-depth", "3", "--bptt-mode", "prefix", "--memory-replay"],
-        "rmt_xl": memory + ["--mem-len", str(T), "--bptt-depth", "1"],
+        "rmt_xl": memory + ["--mem-len", str(T), "--bptt-depth", "1", "--bptt-mode", "chunk"],
     }[name]
 
 
