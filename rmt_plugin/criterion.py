@@ -130,7 +130,9 @@ class SegmentTerms(NamedTuple):
 
 @register_criterion("rmt_lm", dataclass=RMTLMCriterionConfig)
 class RMTLMCriterion(FairseqCriterion):
-    def __init__(self, task, bptt_depth=1, bptt_depth_schedule=None, bptt_mode="chunk", memory_replay=False,
+    # the CLI's defaults (RMTLMCriterionConfig) also for a criterion built in Python
+    def __init__(self, task, bptt_depth=RMTLMCriterionConfig.bptt_depth, bptt_depth_schedule=None,
+                 bptt_mode=RMTLMCriterionConfig.bptt_mode, memory_replay=False,
                  report_accuracy=False, memory_only_loss_weight=0.0, memory_token_loss_weight=0.0):
         super().__init__(task)
         if getattr(getattr(task, "cfg", None), "tokens_per_sample", None) is None:  # no segments to unroll

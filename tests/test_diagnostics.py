@@ -134,7 +134,7 @@ def test_validation_logs_diagnostics_only_when_asked(data, enabled):  # noqa: F8
     task = make_stream_task(data[0], tokens_per_sample=SEG_LEN, segments_per_sample=2, splits=("valid",))
     task.cfg.memory_diagnostics = enabled
     model = make_model(task, num_mem_tokens=2, mem_len=3)
-    criterion = RMTLMCriterion(task, bptt_depth=1)
+    criterion = RMTLMCriterion(task, bptt_mode="chunk", bptt_depth=1)
     itr = task.get_batch_iterator(task.dataset("valid"), max_sentences=2)
     with metrics.aggregate() as agg:
         logs = [task.valid_step(sample, model, criterion)[2] for sample in itr.next_epoch_itr(shuffle=False)]

@@ -301,9 +301,9 @@ def test_chunk_mode_warns_when_chunks_straddle_batches(caplog):
     assert "--segments-per-sample is 3" in caplog.text
     caplog.clear()
     task.segment_schedule = [2, 4, 8]
-    RMTLMCriterion(task, bptt_depth_schedule="1,3")  # chunks of 2, 4, 4
+    RMTLMCriterion(task, bptt_mode="chunk", bptt_depth_schedule="1,3")  # chunks of 2, 4, 4
     assert not caplog.records
-    RMTLMCriterion(task, bptt_depth_schedule="1,2")  # epoch 2: 4 segments in chunks of 3
+    RMTLMCriterion(task, bptt_mode="chunk", bptt_depth_schedule="1,2")  # epoch 2: 4 segments in chunks of 3
     assert "--segments-per-sample is 4 in epoch 2" in caplog.text
 
 
@@ -313,7 +313,7 @@ def test_depth_schedule_sets_the_depth_of_each_epoch():
     task = make_task(vocab_size=4 + 4 * SEG_LEN)
     task.segment_schedule = [4]
     model = make_model(task)
-    criterion = RMTLMCriterion(task, bptt_depth_schedule="0,3")
+    criterion = RMTLMCriterion(task, bptt_mode="chunk", bptt_depth_schedule="0,3")
     sample = one_sample(4)
     for epoch, chains in [(1, [[0], [1], [2], [3]]), (2, [[0, 1, 2, 3]]), (7, [[0, 1, 2, 3]])]:
         reached = []
@@ -330,7 +330,7 @@ def test_depth_schedule_sets_the_depth_of_each_epoch():
 
 def test_depth_schedule_needs_the_epochs_of_rmt_lm():
     with pytest.raises(ValueError, match="--bptt-depth-schedule sets the depth per epoch of --task rmt_lm"):
-        RMTLMCriterion(make_task(), bptt_depth_schedule="0,1")
+        RMTLMCriterion(make_task(), bptt_mode="chunk", bptt_depth_schedule="0,1")
 
 
 # --------------------------------------------------------------------------- memory-only loss (ours)
@@ -353,8 +353,8 @@ def memory_only_losses_by_hand(model, criterion, sample, carried_state):
 def test_memory_only_loss_is_the_memory_only_run_added_with_its_weight():
     task = make_task(vocab_size=4 + 6 * SEG_LEN)
     model = make_model(task, num_mem_tokens=2, mem_len=SEG_LEN)
-    plain = RMTLMCriterion(task, bptt_depth=2)
-    aux = RMTLMCriterion(task, bptt_depth=2, memory_only_loss_weight=0.5)
+    plain = RMTLMCriterion(task, bptt_mode="chunk", bptt_depth=2)
+    aux = RMTLMCriterion(task, bptt_mode="chunk", bptt_depth=2, memory_only_loss_weight=0.5)
     _, _, _, carried = plain.forward_with_state(model, one_sample(3), None)
     sample = one_sample(3, first_id=4 + 3 * SEG_LEN)
 
@@ -371,7 +371,7 @@ def test_memory_only_loss_is_the_memory_only_run_added_with_its_weight():
 def test_memory_only_loss_ignores_the_cache_and_follows_the_memory():
     task = make_task(vocab_size=4 + 6 * SEG_LEN)
     model = make_model(task, num_mem_tokens=2, mem_len=SEG_LEN)
-    criterion = RMTLMCriterion(task, bptt_depth=1, memory_only_loss_weight=0.01)
+    criterion = RMTLMCriterion(task, bptt_mode="chunk", bptt_depth=1, memory_only_loss_weight=0.01)
     _, _, _, carried = criterion.forward_with_state(model, one_sample(2), None)
     sample = one_sample(1, first_id=4 + 2 * SEG_LEN)  # one segment: its inputs are the carried state
     state = carried.model_state
@@ -415,7 +415,7 @@ def test_memory_only_loss_weight_must_be_non_negative(weight):
 def test_memory_only_loss_needs_memory_and_cache(num_mem_tokens, mem_len):
     task = make_task()
     model = make_model(task, num_mem_tokens=num_mem_tokens, mem_len=mem_len)
-    criterion = RMTLMCriterion(task, memory_only_loss_weight=0.01)
+    criterion = RMTLMCriterion(task, bptt_depth=1, bptt_mode="chunk", memory_only_loss_weight=0.01)
     with pytest.raises(ValueError, match=r"needs a Tr-XL \+ RMT model .*--mem-len"):
         criterion.forward_with_state(model, one_sample(1), None)
 
@@ -441,11 +441,11 @@ def test_memory_only_loss_costs_one_extra_forward_per_segment_with_a_cache():
 
     def forwards(weight, carried):
         calls.clear()
-        RMTLMCriterion(task, bptt_depth=2, memory_only_loss_weight=weight).forward_with_state(
+        RMTLMCriterion(task, bptt_mode="chunk", bptt_depth=2, memory_only_loss_weight=weight).forward_with_state(
             model, one_sample(3), carried)
         return len(calls)
 
-    _, _, _, carried = RMTLMCriterion(task).forward_with_state(model, one_sample(3), None)
+    _, _, _, carried = RMTLMCriterion(task, bptt_depth=1, bptt_mode="chunk").forward_with_state(model, one_sample(3), None)
     assert (forwards(0.0, carried), forwards(0.01, carried)) == (3, 6)
     assert forwards(0.01, None) == 5  # a stream's first segment has no cache to hide
 
@@ -475,8 +475,8 @@ def test_memory_token_loss_written_out_by_hand(tie, layout):
     task = make_task(vocab_size=4 + 6 * SEG_LEN)
     model = make_target_model(task, tie=tie, layout=layout)
     weight = 0.01
-    plain = RMTLMCriterion(task, bptt_depth=1)
-    criterion = RMTLMCriterion(task, bptt_depth=1, memory_token_loss_weight=weight)
+    plain = RMTLMCriterion(task, bptt_mode="chunk", bptt_depth=1)
+    criterion = RMTLMCriterion(task, bptt_mode="chunk", bptt_depth=1, memory_token_loss_weight=weight)
     sample = one_sample(2)
     loss0, _, log0, _ = plain.forward_with_state(model, sample, None)
     loss, _, log, _ = criterion.forward_with_state(model, sample, None)
@@ -534,7 +534,7 @@ def test_memory_token_loss_needs_memory_and_its_target_symbol(num_mem_tokens, ta
     cfg = RMTConfig(n_layer=1, d_model=16, n_head=2, d_head=8, d_inner=32, num_mem_tokens=num_mem_tokens,
                     memory_target_token=target_token)
     model = RMTLanguageModel.build_model(cfg, task)
-    criterion = RMTLMCriterion(task, memory_token_loss_weight=0.01)
+    criterion = RMTLMCriterion(task, bptt_depth=1, bptt_mode="chunk", memory_token_loss_weight=0.01)
     with pytest.raises(ValueError, match=r"--memory-token-loss-weight needs memory tokens and their target symbol"):
         criterion.forward_with_state(model, one_sample(1), None)
 
@@ -690,3 +690,11 @@ def test_the_criterion_cuts_segments_of_the_batchs_own_length():
     criterion.forward_with_state(model, sample, None)
     hook.remove()
     assert lengths == [2, 2, 2, 3, 3]
+
+
+def test_a_criterion_built_in_python_has_the_command_lines_defaults():
+    from rmt_plugin.criterion import RMTLMCriterionConfig
+
+    task = make_task()  # fairseq builds the criterion from its config, as below
+    from_cli, in_python = RMTLMCriterion.build_criterion(RMTLMCriterionConfig(), task), RMTLMCriterion(task)
+    assert (in_python.bptt_mode, in_python.depths) == (from_cli.bptt_mode, from_cli.depths)
