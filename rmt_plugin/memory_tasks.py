@@ -355,6 +355,10 @@ class MemoryTaskDataset(FairseqDataset):
 class RMTMemoryTask(CarriedMemorySteps, ChecksCriterionAgainstModel, FairseqTask):
     """Generated memory-task examples (see the module docstring), read segment by segment."""
 
+    # An example spans a few segments: the memory read fed back into the write block hands the
+    # source on (the learned start memory left copy 16 -> 16 at chance: docs/memory_tasks.md).
+    auto_memory_write_input = "memory"
+
     def __init__(self, cfg, memory_task, dictionary):
         super().__init__(cfg)
         self.memory_task = memory_task

@@ -56,6 +56,7 @@ position scores' gradient and torch picks its math kernel. On GPUs the memory-ef
 takes such a mask with gradient (not run here: no GPU was available).
 """
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import List, NamedTuple, Optional
@@ -73,7 +74,7 @@ from .adaptive import TransformerXLAdaptiveInput, TransformerXLAdaptiveSoftmax, 
 from .flags import int_list
 
 MEMORY_LAYOUTS = ChoiceEnum(["rmt", "memtr"])
-WRITE_INPUTS = ChoiceEnum(["memory", "learned"])
+WRITE_INPUTS = ChoiceEnum(["memory", "learned", "auto"])
 CACHE_DISTANCES = ChoiceEnum(["sequence", "stream"])
 CACHE_CONTENTS = ChoiceEnum(["segment", "sequence"])
 MEMORY_POSITIONS = ChoiceEnum(["signed", "rel_shift"])
@@ -112,9 +113,10 @@ class RMTConfig(FairseqDataclass):
     )
     memory_write_input: WRITE_INPUTS = field(
         default="memory",
-        metadata={"help": "what the write block is fed: memory (the paper: the memory read) or learned (the "
+        metadata={"help": "what the write block is fed: memory (the paper: the memory read), learned (the "
                           "learned start memory, every segment), which cuts the memory's residual loop "
-                          "(see the module docstring)"},
+                          "(see the module docstring), or auto (the small architectures' default): what the "
+                          "task asks for, learned for --task rmt_lm, memory for --task rmt_memory"},
     )
     mem_len: int = field(
         default=0, metadata={"help": "Transformer-XL cache length: hidden states of this many past positions"}
@@ -201,6 +203,7 @@ class RMTLanguageModel(FairseqLanguageModel):
     def build_model(cls, cfg: RMTConfig, task):
         check_task(cfg, task)
         fill_missing_fields(cfg)
+        resolve_write_input(cfg, task)
         check_config(cfg, len(task.target_dictionary))
         return cls(RMTDecoder(cfg, task.target_dictionary))
 
@@ -219,6 +222,18 @@ def fill_missing_fields(cfg) -> None:
         with open_dict(cfg):
             for name, value in missing.items():
                 setattr(cfg, name, value)
+
+
+def resolve_write_input(cfg, task) -> None:
+    """``--memory-write-input auto`` becomes the task's ``auto_memory_write_input``, in ``cfg`` itself
+    so that the checkpoint keeps it. Language modelling runs the memory along one long stream, where
+    a small model's memory fed back into the write block collapses to one vector for every stream
+    (docs/memory_in_lm.md, 2c): learned. A memory task's example spans a few segments, and there
+    the memory read fed back is what hands the source on (copy 16 -> 16 in docs/memory_tasks.md:
+    exact 1.000 against 0.000 with learned): memory."""
+    if cfg.memory_write_input == "auto":
+        with open_dict(cfg) if isinstance(cfg, DictConfig) else contextlib.nullcontext():
+            cfg.memory_write_input = getattr(task, "auto_memory_write_input", "learned")
 
 
 def check_task(cfg, task):
@@ -290,6 +305,9 @@ class AttentionPlan(NamedTuple):
 class RMTDecoder(FairseqDecoder):
     def __init__(self, cfg: RMTConfig, dictionary):
         super().__init__(dictionary)
+        if cfg.memory_write_input == "auto":
+            raise ValueError("--memory-write-input auto is the task's choice: build the model through the task "
+                             "(task.build_model) or name memory or learned")
         self.cfg = cfg
         self.padding_idx = dictionary.pad()
         self.num_mem_tokens = cfg.num_mem_tokens
@@ -745,10 +763,11 @@ SMALL_SCALE = dict(pre_lnorm=True, init_std=0.1)
 
 def _small_scale(cfg):
     _set_paper_values(cfg, SMALL_SCALE)
-    # With the paper's write input a small model's memory collapses to one vector for every stream
-    # (docs/memory_in_lm.md, section 2c). Only the RMT layout with memory has a write block.
+    # The write input is the task's (resolve_write_input): learned for language modelling, where with
+    # the paper's a small model's memory collapses (docs/memory_in_lm.md, 2c); the paper's for the
+    # memory tasks. Only the RMT layout with memory has a write block.
     if cfg.num_mem_tokens and getattr(cfg, "memory_layout", None) in (None, "rmt"):
-        _set_defaults(cfg, memory_write_input="learned")
+        _set_defaults(cfg, memory_write_input="auto")
 
 
 def _tiny(cfg):

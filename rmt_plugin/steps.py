@@ -21,6 +21,8 @@ class CarriedMemorySteps:
     """Task mixin: ``train_step``/``valid_step`` through ``criterion.forward_with_state``."""
 
     carries_memory = True  # what the model checks of its task (model.check_task)
+    # what a small architecture's --memory-write-input auto becomes (model.resolve_write_input)
+    auto_memory_write_input = "learned"
     training_epoch = 1  # the training epoch running (set by the task's begin_epoch)
 
     def carried_state(self, role: str, sample):

@@ -183,7 +183,7 @@ def test_small_archs_use_the_small_scale_values_that_learn_memory(data_dirs, arc
     # post-LayerNorm with init std 0.02 leaves memory unlearned at these widths (docs/memory_in_lm.md)
     cfg = resolve(data_dirs["small"], arch).model
     assert (cfg.pre_lnorm, cfg.init_std) == (True, 0.1)
-    assert cfg.memory_write_input == ("learned" if cfg.num_mem_tokens else "memory")
+    assert cfg.memory_write_input == ("auto" if cfg.num_mem_tokens else "memory")  # the task's: test_memory_tasks
     assert resolve(data_dirs["small"], arch, "--init-std", "0.05").model.init_std == 0.05
     assert resolve(data_dirs["small"], arch, "--memory-write-input", "memory").model.memory_write_input == "memory"
 
