@@ -232,8 +232,9 @@ def resolve_write_input(cfg, task) -> None:
     the memory read fed back is what hands the source on (copy 16 -> 16 in docs/memory_tasks.md:
     exact 1.000 against 0.000 with learned): memory."""
     if cfg.memory_write_input == "auto":
+        has_write_block = cfg.num_mem_tokens > 0 and cfg.memory_layout == "rmt"
         with open_dict(cfg) if isinstance(cfg, DictConfig) else contextlib.nullcontext():
-            cfg.memory_write_input = getattr(task, "auto_memory_write_input", "learned")
+            cfg.memory_write_input = getattr(task, "auto_memory_write_input", "learned") if has_write_block else "memory"
 
 
 def check_task(cfg, task):

@@ -277,6 +277,10 @@ def test_a_small_archs_write_input_is_the_tasks_and_the_checkpoint_keeps_it(tiny
     other = "learned" if write_input == "memory" else "memory"  # a flag still wins
     _, model, _ = build(*task_flags, "--arch", "rmt_tiny", "--criterion", "rmt_lm", "--memory-write-input", other)
     assert model.decoder.cfg.memory_write_input == other
+    # no write block (MemTr): auto is the memory read, where learned would be an error
+    _, model, _ = build(*task_flags, "--arch", "rmt_tiny", "--criterion", "rmt_lm", "--memory-layout", "memtr",
+                        "--memory-write-input", "auto")
+    assert model.decoder.cfg.memory_write_input == "memory"
 
 
 def test_an_unresolved_auto_write_input_is_an_error():
