@@ -226,13 +226,14 @@ def fill_missing_fields(cfg) -> None:
 
 def resolve_write_input(cfg, task) -> None:
     """``--memory-write-input auto`` becomes the task's ``auto_memory_write_input``, in ``cfg`` itself
-    so that the checkpoint keeps it. Language modelling runs the memory along one long stream, where
+    so that the checkpoint keeps it (the task calls this on the config fairseq saves, before fairseq
+    may copy it for ``--arch rmt``; the model again, after a named arch set ``auto`` under hydra). Language modelling runs the memory along one long stream, where
     a small model's memory fed back into the write block collapses to one vector for every stream
     (docs/memory_in_lm.md, 2c): learned. A memory task's example spans a few segments, and there
     the memory read fed back is what hands the source on (copy 16 -> 16 in docs/memory_tasks.md:
     exact 1.000 against 0.000 with learned): memory."""
-    if cfg.memory_write_input == "auto":
-        has_write_block = cfg.num_mem_tokens > 0 and cfg.memory_layout == "rmt"
+    if getattr(cfg, "memory_write_input", None) == "auto":
+        has_write_block = getattr(cfg, "num_mem_tokens", 0) > 0 and getattr(cfg, "memory_layout", "rmt") == "rmt"
         with open_dict(cfg) if isinstance(cfg, DictConfig) else contextlib.nullcontext():
             cfg.memory_write_input = getattr(task, "auto_memory_write_input", "learned") if has_write_block else "memory"
 

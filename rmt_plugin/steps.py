@@ -16,6 +16,8 @@ kept. One training batch::
 import torch
 from fairseq.optim.amp_optimizer import AMPOptimizer
 
+from .model import resolve_write_input
+
 
 class CarriedMemorySteps:
     """Task mixin: ``train_step``/``valid_step`` through ``criterion.forward_with_state``."""
@@ -24,6 +26,10 @@ class CarriedMemorySteps:
     # what a small architecture's --memory-write-input auto becomes (model.resolve_write_input)
     auto_memory_write_input = "learned"
     training_epoch = 1  # the training epoch running (set by the task's begin_epoch)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        resolve_write_input(cfg, self)
+        return super().build_model(cfg, from_checkpoint)
 
     def carried_state(self, role: str, sample):
         """The state to process ``sample`` with (``role``: train or valid); None: fresh memory."""

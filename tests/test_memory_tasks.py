@@ -283,6 +283,16 @@ def test_a_small_archs_write_input_is_the_tasks_and_the_checkpoint_keeps_it(tiny
     assert model.decoder.cfg.memory_write_input == "memory"
 
 
+def test_an_explicit_auto_on_the_dataclass_arch_is_resolved_in_the_saved_config():
+    # fairseq copies the config of --arch rmt (a dataclass model) before the model's build_model sees it
+    args = options.parse_args_and_arch(options.get_training_parser(), [
+        "--user-dir", "rmt_plugin", "--cpu", "--batch-size", "4", "--task", "rmt_memory", "--criterion", "rmt_lm",
+        "--arch", "rmt", "--num-mem-tokens", "2", "--memory-write-input", "auto"])
+    cfg = convert_namespace_to_omegaconf(args)
+    model = tasks.setup_task(cfg.task).build_model(cfg.model)
+    assert model.decoder.cfg.memory_write_input == cfg.model.memory_write_input == "memory"
+
+
 def test_an_unresolved_auto_write_input_is_an_error():
     cfg = RMTConfig(n_layer=1, d_model=16, n_head=2, d_head=8, d_inner=32, num_mem_tokens=2, memory_write_input="auto")
     with pytest.raises(ValueError, match="--memory-write-input auto is the task's choice"):
