@@ -51,11 +51,18 @@ def example_line(memory_task, source, target, gap: list) -> str:
 
 
 def gap_filler(args, split: str):
-    """The gap's tokens, one list per call: blanks, or random filler symbols (reproducible per split)."""
-    if args.filler == "blank":
-        return lambda: [BLANK] * args.gap
+    """The gap's tokens, one list per call: blanks, or random filler symbols (reproducible per split).
+
+    With ``--max-gap`` each gap's length is drawn uniformly from ``--gap`` .. ``--max-gap``.
+    """
     rng = random.Random(f"{args.data_seed}-{split}")
-    return lambda: [FILLER.format(rng.randrange(args.filler_symbols)) for _ in range(args.gap)]
+
+    def gap():
+        length = args.gap if args.max_gap is None else rng.randint(args.gap, args.max_gap)
+        if args.filler == "blank":
+            return [BLANK] * length
+        return [FILLER.format(rng.randrange(args.filler_symbols)) for _ in range(length)]
+    return gap
 
 
 def write_streams(args) -> None:
@@ -70,6 +77,8 @@ def write_streams(args) -> None:
                          f"{FILLER[0]!r}... as a symbol")
     if args.gap < 0:
         raise ValueError(f"--gap must be >= 0, got {args.gap}")
+    if args.max_gap is not None and args.max_gap < args.gap:
+        raise ValueError(f"--max-gap must be >= --gap ({args.gap}), got {args.max_gap}")
     if args.filler == "random" and args.filler_symbols < 1:
         raise ValueError(f"--filler-symbols must be >= 1, got {args.filler_symbols}")
     text_dir = os.path.join(args.destdir, "text")
@@ -88,33 +97,45 @@ def write_streams(args) -> None:
                     "--destdir", args.destdir, "--workers", "1"], check=True, capture_output=True)
     with open(os.path.join(args.destdir, "memory_stream.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
-    logger.info(f"wrote {args.memory_task} streams (gap {args.gap}) to {args.destdir}")
+    gaps = args.gap if args.max_gap is None else f"{args.gap}-{args.max_gap}"
+    logger.info(f"wrote {args.memory_task} streams (gap {gaps}) to {args.destdir}")
 
 
 class TargetScorer:
     """Accuracy and exact match on the tokens after ``<sep>``, fed the stream segment by segment.
 
     Per batch row it remembers whether the row is inside a target (a ``<sep>`` was read and the
-    line's eos not yet predicted) and whether the example so far is all right.
+    line's eos not yet predicted), whether the example so far is all right, and how many tokens of
+    the line came before ``<sep>``. An example's distance is that count + 1: how far the first target
+    token lies after the first source token (copy of 2, gap 40: 43). Exact match is also kept per
+    distance, for streams written with ``--max-gap``.
     """
 
     def __init__(self, sep: int, eos: int, rows: int):
         self.sep, self.eos = sep, eos
         self.inside = [False] * rows
         self.all_right = [True] * rows
+        self.line_len = [0] * rows
+        self.distance = [0] * rows
         self.correct = self.tokens = self.exact = self.examples = 0
+        self.by_distance = {}  # distance -> [examples, exact]
 
     def add(self, inputs: torch.Tensor, targets: torch.Tensor, predictions: torch.Tensor) -> None:
         for row in range(inputs.size(0)):
             for x, y, p in zip(inputs[row].tolist(), targets[row].tolist(), predictions[row].tolist()):
+                self.line_len[row] = 0 if x == self.eos else self.line_len[row] + 1
                 if x == self.sep:
                     self.inside[row], self.all_right[row] = True, True
+                    self.distance[row] = self.line_len[row]  # the tokens before <sep>, + 1 for the target's shift
                 if not self.inside[row]:
                     continue
                 if y == self.eos:  # the example ended: its last target token came before
                     self.inside[row] = False
                     self.examples += 1
                     self.exact += self.all_right[row]
+                    counts = self.by_distance.setdefault(self.distance[row], [0, 0])
+                    counts[0] += 1
+                    counts[1] += self.all_right[row]
                     continue
                 self.tokens += 1
                 self.correct += p == y
@@ -122,7 +143,9 @@ class TargetScorer:
 
     def result(self) -> dict:
         return {"examples": self.examples, "exact_match": self.exact / max(self.examples, 1),
-                "target_tokens": self.tokens, "accuracy": self.correct / max(self.tokens, 1)}
+                "target_tokens": self.tokens, "accuracy": self.correct / max(self.tokens, 1),
+                "exact_match_by_distance": {d: {"examples": n, "exact_match": e / n}
+                                            for d, (n, e) in sorted(self.by_distance.items())}}
 
 
 @torch.no_grad()
@@ -155,6 +178,8 @@ def main(argv=None):
     write.add_argument("--num-pairs", type=int, default=4)
     write.add_argument("--num-symbols", type=int, default=10)
     write.add_argument("--gap", type=int, default=0, help="tokens between source and <sep>")
+    write.add_argument("--max-gap", type=int, default=None,
+                       help="draw each example's gap uniformly from --gap to this (default: every gap is --gap)")
     write.add_argument("--filler", choices=["blank", "random"], default="blank",
                        help="the gap's tokens: blanks (predictable) or random filler symbols (noise in the loss)")
     write.add_argument("--filler-symbols", type=int, default=32, help="--filler random: symbols drawn from")

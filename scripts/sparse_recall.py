@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+REACH = 2 * 16 + 8  # transformer_xl_tiny's: 2 layers x cache 16 + T = 8
 METHODS = {  # name -> (label, flags beyond the common ones)
     "transformer_xl": ("Transformer-XL (cache 16)", "--arch transformer_xl_tiny"),
     "rmt": ("RMT", "--arch rmt_tiny"),
@@ -36,11 +37,13 @@ def run(cmd, log):
 
 
 def data_bin(args, gap):
-    path = Path(args.workdir) / f"data-rcopy2-gap{gap}"
+    gaps = f"{gap}" if args.max_gap is None else f"{gap}-{args.max_gap}"
+    path = Path(args.workdir) / f"data-rcopy2-gap{gaps}"
     if not (path / "memory_stream.json").exists():
         run([sys.executable, "-m", "rmt_plugin.memory_streams", "write", "--destdir", str(path), "--source-len", "2",
-             "--gap", str(gap), "--filler", "random", "--train-size", str(args.train_size)],
-            Path(args.workdir) / f"write-gap{gap}.log")
+             "--gap", str(gap), *([] if args.max_gap is None else ["--max-gap", str(args.max_gap)]),
+             "--filler", "random", "--train-size", str(args.train_size)],
+            Path(args.workdir) / f"write-gap{gaps}.log")
     return path
 
 
@@ -48,7 +51,8 @@ def train_and_score(args, gap, method, seed):
     data = data_bin(args, gap)
     flags = METHODS[method][1].format(schedule=args.schedule)
     tag = args.flags_name + (f"{args.schedule.replace(',', '-')}-" if method == "rmt_tschedule" else "")
-    save = Path(args.workdir) / f"gap{gap}-{method}-{tag}seed{seed}"
+    gaps = f"{gap}" if args.max_gap is None else f"{gap}-{args.max_gap}"
+    save = Path(args.workdir) / f"gap{gaps}-{method}-{tag}seed{seed}"
     result = save / "test-score.json"
     finished = save / f"finished-{args.updates}"
     if not finished.exists():
@@ -62,7 +66,7 @@ def train_and_score(args, gap, method, seed):
              "--save-dir", str(save), "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "500",
              "--num-workers", "0", "--seed", str(seed)], save / "train.log")
         finished.touch()
-    if not result.exists():
+    if not result.exists() or "exact_match_by_distance" not in json.loads(result.read_text()):  # or scored before it
         run([sys.executable, "-m", "rmt_plugin.memory_streams", "score", str(data), "--path",
              str(save / "checkpoint_last.pt"), "--tokens-per-sample", "8"], save / "score.log")
         score = json.loads(Path(save / "score.log").read_text().strip().splitlines()[-1])
@@ -70,11 +74,28 @@ def train_and_score(args, gap, method, seed):
     return json.loads(result.read_text())
 
 
+def distance_rows(gap, max_gap):
+    """The table's distance ranges: the one distance of a fixed gap, else within and beyond reach."""
+    if max_gap is None:
+        return [(gap + 3, gap + 3)]
+    rows = [(gap + 3, min(max_gap + 3, REACH)), (max(gap + 3, REACH + 1), max_gap + 3)]
+    return [(low, high) for low, high in rows if low <= high]
+
+
+def exact_match_between(result, low, high):
+    """Exact match over the test examples whose distance lies in low..high."""
+    counts = [(c["examples"], c["exact_match"]) for d, c in result["exact_match_by_distance"].items()
+              if low <= int(d) <= high]
+    return sum(n * e for n, e in counts) / sum(n for n, _ in counts)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gaps", nargs="+", type=int, default=[4, 24, 40])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--max-gap", type=int, help="each example's gap drawn from GAP .. MAX_GAP; exact match "
+                        "is reported within and beyond Transformer-XL's reach")
     parser.add_argument("--segments", type=int, default=4, help="segments per batch row K")
     parser.add_argument("--updates", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -87,12 +108,15 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     flags = args.flags + args.rmt_flags
     args.flags_name = "".join(c for c in flags if c.isalnum()) + ("-" if flags else "")
+    if args.lr != parser.get_default("lr"):  # runs of another learning rate are other runs
+        args.flags_name += f"lr{args.lr:g}-"
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     args.workdir = str(Path(args.workdir).resolve())
+    os.makedirs(args.workdir, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     results = {(gap, method): [train_and_score(args, gap, method, seed) for seed in args.seeds]
                for gap in args.gaps for method in args.methods}
@@ -100,13 +124,15 @@ def main(argv=None):
                                                    for m in args.methods) + " |",
              "|---|" + "---|" * len(args.methods)]
     for gap in args.gaps:
-        cells = []
-        for method in args.methods:
-            exact = [r["exact_match"] for r in results[gap, method]]
-            accuracy = [r["accuracy"] for r in results[gap, method]]
-            cells.append(f"{statistics.mean(exact):.3f} ({', '.join(f'{e:.2f}' for e in exact)}; "
-                         f"acc {statistics.mean(accuracy):.2f})")
-        lines.append(f"| {gap + 3}{' (beyond)' if gap + 3 > 40 else ''} | " + " | ".join(cells) + " |")
+        for low, high in distance_rows(gap, args.max_gap):
+            cells = []
+            for method in args.methods:
+                exact = [exact_match_between(r, low, high) for r in results[gap, method]]
+                accuracy = [r["accuracy"] for r in results[gap, method]]
+                cells.append(f"{statistics.mean(exact):.3f} ({', '.join(f'{e:.2f}' for e in exact)}; "
+                             f"acc {statistics.mean(accuracy):.2f})")
+            label = f"{low}" if low == high else f"{low}-{high}"
+            lines.append(f"| {label}{' (beyond)' if low > REACH else ''} | " + " | ".join(cells) + " |")
     lines += ["", f"exact match, mean (per seed {', '.join(map(str, args.seeds))}; token accuracy); {args.updates} "
               f"updates of 16 x {args.segments} x 8 tokens, Adam {args.lr}; flags: '{args.flags}', RMT only: '{args.rmt_flags}'."]
     print("\n".join(lines))

@@ -44,6 +44,7 @@ def test_random_filler_fills_the_gap_with_its_own_symbols_reproducibly(tmp_path)
 
 @pytest.mark.parametrize("flags, message", [
     (["--gap", "-1"], "--gap must be >= 0"),
+    (["--gap", "4", "--max-gap", "3"], "--max-gap must be >= --gap"),
     (["--filler", "random", "--filler-symbols", "0"], "--filler-symbols must be >= 1"),
     (["--memory-task", "nope"], "--memory-task 'nope' is unknown"),
 ])
@@ -61,7 +62,29 @@ def test_scorer_counts_only_the_tokens_after_sep_across_segments():
     scorer = TargetScorer(SEP, EOS, rows=1)
     for seg in (slice(0, 4), slice(4, 7), slice(7, 10)):  # segments cut through examples
         scorer.add(inputs[:, seg], targets[:, seg], predictions[:, seg])
-    assert scorer.result() == {"examples": 2, "exact_match": 0.5, "target_tokens": 3, "accuracy": 2 / 3}
+    assert scorer.result() == {"examples": 2, "exact_match": 0.5, "target_tokens": 3, "accuracy": 2 / 3,
+                               "exact_match_by_distance": {3: {"examples": 1, "exact_match": 0.0},
+                                                           2: {"examples": 1, "exact_match": 1.0}}}
+
+
+def test_max_gap_draws_each_gap_and_the_scorer_reports_exact_match_per_distance(tmp_path):
+    main(["write", "--destdir", str(tmp_path), "--source-len", "2", "--gap", "1", "--max-gap", "4", "--filler",
+          "random", "--train-size", "50", "--valid-size", "5", "--test-size", "200"])
+    lines = (tmp_path / "text" / "test.txt").read_text().splitlines()
+    gaps = [len(line.split(" <sep> ")[0].split()) - 2 for line in lines]
+    assert set(gaps) == {1, 2, 3, 4}
+    # every example right except those of gap 3 (distance 2 + 3 + 1 = 6), fed through the scorer as one stream
+    scorer = TargetScorer(SEP, EOS, rows=1)
+    for line, gap in zip(lines, gaps):
+        tokens = [SEP if w == "<sep>" else 10 for w in line.split()] + [EOS]
+        targets = torch.tensor([tokens])
+        predictions = targets.clone()
+        if gap == 3:
+            predictions[0, -2] = 99
+        scorer.add(torch.tensor([[EOS] + tokens[:-1]]), targets, predictions)
+    by_distance = scorer.result()["exact_match_by_distance"]
+    assert {d: r["exact_match"] for d, r in by_distance.items()} == {4: 1.0, 5: 1.0, 6: 0.0, 7: 1.0}
+    assert [by_distance[g + 3]["examples"] for g in (1, 2, 3, 4)] == [gaps.count(g) for g in (1, 2, 3, 4)]
 
 
 def train(data, save_dir, *flags):
