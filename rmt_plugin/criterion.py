@@ -72,7 +72,7 @@ class RMTLMCriterionConfig(FairseqDataclass):
     bptt_depth_schedule: Optional[str] = field(
         default=None,
         metadata={"help": "--task rmt_lm: --bptt-depth per epoch, comma-separated like --update-freq, the last "
-                          "value from then on (e.g. 0,1,3; replaces --bptt-depth; see epoch_schedule.py)"},
+                          "value from then on, VALUExN for N epochs (e.g. 0,1,3 or 0x10,6; replaces --bptt-depth; see epoch_schedule.py)"},
     )
     bptt_mode: BPTT_MODES = field(
         default="prefix",

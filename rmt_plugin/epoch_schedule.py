@@ -14,7 +14,8 @@ holding from then on. It replaces the plain flag (``--segments-per-sample``, ``-
 A segment-length schedule changes what one segment holds: ``--tokens-per-sample-schedule 64,16``
 reads epoch 1 in segments of 64 (most dependencies inside a segment, where attention learns them)
 and every later epoch in segments of 16 (the same dependencies now across segments, through the
-memory). The streams are laid out anew at each epoch start, as they always are.
+memory). The streams are laid out anew at each epoch start, as they always are. ``VALUExN``
+repeats a value for N epochs: ``--tokens-per-sample-schedule 64x10,8`` is ten epochs of 64, then 8.
 
 An epoch is fairseq's: one pass over the data, or over one directory of a colon-separated DATA,
 so shards make the steps as short as wanted. Memory starts fresh at every epoch start, so a step
@@ -32,8 +33,20 @@ from .flags import int_list
 
 
 def parse_schedule(spec: Optional[str], flag: str, minimum: int) -> List[int]:
-    """The values of a schedule flag ([] when unset), with a one-line error naming ``flag``."""
-    values = int_list(spec, flag, ", one per epoch")
+    """The values of a schedule flag ([] when unset), with a one-line error naming ``flag``.
+
+    ``VALUExN`` stands for N epochs of VALUE: ``64x3,8`` is ``64,64,64,8``.
+    """
+    expanded = []
+    for item in [] if spec is None else str(spec).split(","):
+        value, repeat, times = item.strip().partition("x")
+        valid_repeat = repeat and value and times.isdigit() and int(times) >= 1
+        expanded += [value] * int(times) if valid_repeat else [item]  # anything else: int_list's error
+    try:
+        values = int_list(",".join(expanded), flag)
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, one per epoch (VALUExEPOCHS repeats one, "
+                         f"e.g. 64x3), got {spec!r}") from None
     if values and min(values) < minimum:
         raise ValueError(f"{flag} values must be >= {minimum}, got {spec!r}")
     return values

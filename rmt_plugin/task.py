@@ -74,12 +74,12 @@ class RMTLMConfig(FairseqDataclass):
     segments_per_sample_schedule: Optional[str] = field(
         default=None,
         metadata={"help": "--segments-per-sample per epoch, comma-separated like --update-freq, the last value "
-                  "from then on (e.g. 1,2,4; replaces --segments-per-sample; see epoch_schedule.py)"},
+                  "from then on, VALUExN for N epochs (e.g. 1,2,4 or 1x10,8; replaces --segments-per-sample; see epoch_schedule.py)"},
     )
     tokens_per_sample_schedule: Optional[str] = field(
         default=None,
         metadata={"help": "--tokens-per-sample (the segment length T) per epoch, comma-separated like "
-                  "--update-freq, the last value from then on (e.g. 64,16; replaces --tokens-per-sample; "
+                  "--update-freq, the last value from then on, VALUExN for N epochs (e.g. 64,16 or 64x10,8; replaces --tokens-per-sample; "
                   "validation uses the last value; see epoch_schedule.py)"},
     )
     memory_diagnostics: bool = field(

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from conftest import distinct_lines, run_cli, write_corpus, write_split
 from conftest import make_stream_task as make_task
 from rmt_plugin.criterion import RMTLMCriterionConfig
+from rmt_plugin.epoch_schedule import parse_schedule
 from rmt_plugin.model import RMTConfig
 from rmt_plugin.task import StreamHandle
 
@@ -116,6 +117,15 @@ def test_segments_per_sample_schedule_sets_the_width_of_each_epochs_batches(data
     assert epoch_batches(task)[0]["target"].size(1) == 4
 
 
+def test_a_schedule_value_repeats_for_n_epochs_with_x(data):
+    task = make_task(data[0], tokens_per_sample=4, schedule="1x2,3")  # 1,1,3
+    widths = [epoch_batches(task, epoch_itr=task.get_batch_iterator(task.dataset("train"), max_sentences=3,
+                                                                    epoch=epoch))[0]["target"].size(1)
+              for epoch in (1, 2, 3)]
+    assert widths == [4, 4, 12]
+    assert parse_schedule("1, 0x2 ,6", "--bptt-depth-schedule", 0) == [1, 0, 0, 6]
+
+
 def test_tokens_per_sample_schedule_sets_the_segment_length_of_each_epoch(data):
     """--tokens-per-sample-schedule 8,2 with K=2: epoch 1 reads rows of 2 x 8 tokens, later epochs
     2 x 2; the segment length travels with the batch (the criterion splits by it); validation is
@@ -138,6 +148,8 @@ def test_tokens_per_sample_schedule_sets_the_segment_length_of_each_epoch(data):
 @pytest.mark.parametrize("schedule, segments, needle", [
     ("1,x", None, "--segments-per-sample-schedule must be comma-separated integers"),
     ("2,0", None, "--segments-per-sample-schedule values must be >= 1"),
+    ("1x0,4", None, "--segments-per-sample-schedule must be comma-separated integers, one per epoch (VALUExEPOCHS"),
+    ("x2,4", None, "--segments-per-sample-schedule must be comma-separated integers"),
     ("1,2", 2, "--segments-per-sample-schedule replaces --segments-per-sample"),
 ])
 def test_segments_per_sample_schedule_errors(data, schedule, segments, needle):
