@@ -15,7 +15,9 @@ finished runs reused.
 
 import argparse
 import json
+import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -31,7 +33,7 @@ METHODS = {  # name -> (label, flags beyond the common ones)
 
 
 def run(cmd, log):
-    with open(log, "w") as f:
+    with open(log, "a") as f:  # a resumed run adds to its log
         if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode:
             sys.exit(f"sparse_recall: {cmd[0]} failed, see {log}")
 
@@ -47,12 +49,17 @@ def data_bin(args, gap):
     return path
 
 
+def run_dir(args, gap, method, seed) -> Path:
+    """A run's save dir, named by everything that makes it another run."""
+    tag = args.flags_name + (f"{args.schedule.replace(',', '-')}-" if method == "rmt_tschedule" else "")
+    gaps = f"{gap}" if args.max_gap is None else f"{gap}-{args.max_gap}"
+    return Path(args.workdir) / f"gap{gaps}-{method}-{tag}seed{seed}"
+
+
 def train_and_score(args, gap, method, seed):
     data = data_bin(args, gap)
     flags = METHODS[method][1].format(schedule=args.schedule)
-    tag = args.flags_name + (f"{args.schedule.replace(',', '-')}-" if method == "rmt_tschedule" else "")
-    gaps = f"{gap}" if args.max_gap is None else f"{gap}-{args.max_gap}"
-    save = Path(args.workdir) / f"gap{gaps}-{method}-{tag}seed{seed}"
+    save = run_dir(args, gap, method, seed)
     result = save / "test-score.json"
     finished = save / f"finished-{args.updates}"
     if not finished.exists():
@@ -72,6 +79,40 @@ def train_and_score(args, gap, method, seed):
         score = json.loads(Path(save / "score.log").read_text().strip().splitlines()[-1])
         result.write_text(json.dumps(score) + "\n")
     return json.loads(result.read_text())
+
+
+def training_curve(save_dir):
+    """(updates, train loss in bits/token) from a run's simple-format log, every --log-interval updates."""
+    points = re.findall(r"loss=([0-9.]+).*?num_updates=([0-9]+)", (Path(save_dir) / "train.log").read_text())
+    return [int(u) for _, u in points], [float(loss) for loss, _ in points]
+
+
+def plot_curves(args, path):
+    """Training loss per run, one panel a gap, with the levels of a copy at chance and recalled."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.gaps), figsize=(6.5 * len(args.gaps), 4), squeeze=False)
+    for ax, gap in zip(axes[0], args.gaps):
+        for color, method in enumerate(args.methods):  # a color a method, a line style a seed
+            for style, seed in zip(("-", "--", ":", "-."), args.seeds):
+                updates, losses = training_curve(run_dir(args, gap, method, seed))
+                ax.plot(updates, losses, color=f"C{color}", ls=style,
+                        label=f"{METHODS[method][0].format(schedule=args.schedule)}, seed {seed}")
+        if args.max_gap is None:  # a fixed gap: 32 filler symbols, 10 copied ones, <sep> and eos predictable
+            per_example = gap * math.log2(32) + 2 * math.log2(10)
+            for copy_bits, name in ((2 * math.log2(10), "copy at chance"), (0, "copy recalled")):
+                level = (per_example + copy_bits) / (gap + 6)
+                ax.axhline(level, color="gray", ls="--", lw=0.8)
+                ax.text(0.99, level, name, transform=ax.get_yaxis_transform(), ha="right", va="bottom",
+                        fontsize=7, color="gray")
+        ax.set(title=f"distance {gap + 3}" if args.max_gap is None else f"distances {gap + 3}-{args.max_gap + 3}",
+               xlabel="updates", ylabel="training loss (bits/token)")
+        ax.set_ylim(top=min(ax.get_ylim()[1], 5.0))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def distance_rows(gap, max_gap):
@@ -104,7 +145,7 @@ def parse_args(argv=None):
     parser.add_argument("--schedule", default="32,16,8", help="rmt_tschedule's --tokens-per-sample-schedule")
     parser.add_argument("--rmt-flags", default="", help="added to the RMT methods' commands only")
     parser.add_argument("--workdir", default="checkpoints/sparse-recall")
-    parser.add_argument("--out", help="OUT.md and OUT.json are written")
+    parser.add_argument("--out", help="OUT.md, OUT.json and OUT.png (training curves) are written")
     args = parser.parse_args(argv)
     flags = args.flags + args.rmt_flags
     args.flags_name = "".join(c for c in flags if c.isalnum()) + ("-" if flags else "")
@@ -134,13 +175,14 @@ def main(argv=None):
             label = f"{low}" if low == high else f"{low}-{high}"
             lines.append(f"| {label}{' (beyond)' if low > REACH else ''} | " + " | ".join(cells) + " |")
     lines += ["", f"exact match, mean (per seed {', '.join(map(str, args.seeds))}; token accuracy); {args.updates} "
-              f"updates of 16 x {args.segments} x 8 tokens, Adam {args.lr}; flags: '{args.flags}', RMT only: '{args.rmt_flags}'."]
+              f"updates of 16 x {args.segments} x 8 tokens (RMT's schedules may change K and T), Adam {args.lr}; flags: '{args.flags}', RMT only: '{args.rmt_flags}'."]
     print("\n".join(lines))
     if args.out:
         Path(args.out + ".md").write_text("\n".join(lines) + "\n")
         Path(args.out + ".json").write_text(json.dumps(
             {"settings": {k: v for k, v in vars(args).items() if k != "flags_name"},
              "results": {f"gap{g}-{m}": r for (g, m), r in results.items()}}, indent=1) + "\n")
+        plot_curves(args, args.out + ".png")
 
 
 if __name__ == "__main__":
