@@ -19,3 +19,4 @@ def test_a_stream_of_mixed_gaps_is_reported_within_and_beyond_transformer_xls_re
     result = json.loads(out.with_suffix(".json").read_text())["results"]["gap0-transformer_xl"][0]
     distances = {int(d) for d in result["exact_match_by_distance"]}
     assert distances == set(range(3, 44))  # every gap 0..40 drawn, each scored at its own distance
+    assert out.with_suffix(".png").stat().st_size > 0  # the training curves
