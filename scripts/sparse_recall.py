@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+FAIRSEQ_TRAIN = str(Path(sys.executable).with_name("fairseq-train"))  # this Python's, activated or not
 REACH = 2 * 16 + 8  # transformer_xl_tiny's: 2 layers x cache 16 + T = 8
 METHODS = {  # name -> (label, flags beyond the common ones)
     "transformer_xl": ("Transformer-XL (cache 16)", "--arch transformer_xl_tiny"),
@@ -64,7 +65,7 @@ def train_and_score(args, gap, method, seed):
     finished = save / f"finished-{args.updates}"
     if not finished.exists():
         save.mkdir(parents=True, exist_ok=True)
-        run(["fairseq-train", str(data), "--user-dir", "rmt_plugin", "--task", "rmt_lm", "--criterion", "rmt_lm",
+        run([FAIRSEQ_TRAIN, str(data), "--user-dir", "rmt_plugin", "--task", "rmt_lm", "--criterion", "rmt_lm",
              *flags.split(), *(args.rmt_flags.split() if method.startswith("rmt") else []),
              *([] if "--tokens-per-sample-schedule" in flags else ["--tokens-per-sample", "8"]),
              "--segments-per-sample", str(args.segments),
